@@ -1,0 +1,111 @@
+"""Cross-field and range checks on a type-checked config tree (plain nested dicts)."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("jaxalign.config")
+
+MESH_AXES = ("data", "fsdp", "tensor")
+CHAT_TEMPLATES = ("llama2", "llama3", "chatml", "plain")
+
+
+def cross_field_errors(c: dict) -> list[tuple[str, str]]:
+    """Constraints between keys and on ranges: (dotted key, message) for every violation."""
+    errors: list[tuple[str, str]] = []
+
+    def need(cond: bool, key: str, what: str) -> None:
+        if not cond:
+            *parents, leaf = key.split(".")
+            node = c
+            for p in parents:
+                node = node[p]
+            errors.append((key, f"config key '{key}' {what}; got {node[leaf]!r}"))
+
+    m, d, t, o = c["mesh"], c["data"], c["train"], c["optimizer"]
+    for axis in MESH_AXES:
+        need(m[axis] == -1 or m[axis] >= 1, f"mesh.{axis}",
+             "must be >= 1, or -1 for all remaining devices")
+    auto = [f"mesh.{a}" for a in MESH_AXES if m[a] == -1]
+    if len(auto) > 1:
+        errors.append((auto[-1], f"at most one mesh axis may be -1 (all remaining devices); "
+                                 f"got -1 for {', '.join(auto)}: give the others explicit sizes"))
+    for name, axes in m["rules"].items():
+        axes_list = [axes] if isinstance(axes, str) else axes if isinstance(axes, list) else None
+        if axes is not None and (axes_list is None
+                                 or any(a not in MESH_AXES for a in axes_list)):
+            errors.append(("mesh.rules", f"config key 'mesh.rules.{name}' must be a mesh axis "
+                           f"({', '.join(MESH_AXES)}), a list of them or null; got {axes!r}"))
+
+    tmpl = c["tokenizer"]["chat_template"]
+    need(tmpl in ("",) + CHAT_TEMPLATES or tmpl.endswith(".jinja"), "tokenizer.chat_template",
+         f"must be '', one of {', '.join(CHAT_TEMPLATES)}, or a path to a .jinja file")
+    need(c["model"]["logits_chunk_size"] >= 0, "model.logits_chunk_size", "must be >= 0")
+    if c["model"]["path"] and c["model"]["config"]:
+        log.warning("model.path is set, so model.config is ignored")
+
+    need(d["max_length"] >= 1, "data.max_length", "must be >= 1")
+    need(1 <= d["max_prompt_length"] < d["max_length"], "data.max_prompt_length",
+         f"must be >= 1 and < data.max_length ({d['max_length']})")
+    need(0.0 <= d["eval_fraction"] < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    if d["eval"] and d["eval_fraction"] > 0:
+        errors.append(("data.eval_fraction", "set either data.eval or data.eval_fraction, not both"))
+    need(d["pad_to_multiple_of"] >= 1, "data.pad_to_multiple_of", "must be >= 1")
+    need(d["max_rows"] >= 0, "data.max_rows", "must be >= 0 (0 = all rows)")
+    if c["stage"] == "dpo":
+        need(d["format"] in ("auto", "preference"), "data.format",
+             "must be 'auto' or 'preference' for stage dpo (DPO trains on chosen/rejected pairs)")
+    else:
+        need(d["format"] != "preference" or d["sft_from_preference"], "data.format",
+             "is 'preference' but stage is sft: set data.sft_from_preference=true "
+             "to train on the chosen replies")
+
+    need(t["max_steps"] == -1 or t["max_steps"] >= 1, "train.max_steps",
+         "must be >= 1, or -1 to run train.epochs")
+    need(t["epochs"] >= 1, "train.epochs", "must be >= 1")
+    need(t["batch_size"] >= 1, "train.batch_size", "must be >= 1")
+    need(t["micro_batch_size"] >= 0, "train.micro_batch_size", "must be >= 0 (0 = no accumulation)")
+    if t["micro_batch_size"] > 0 and t["batch_size"] % t["micro_batch_size"]:
+        errors.append(("train.micro_batch_size",
+                       f"train.batch_size ({t['batch_size']}) must be divisible by "
+                       f"train.micro_batch_size ({t['micro_batch_size']})"))
+    for key in ("eval_every", "eval_batches", "seed"):
+        need(t[key] >= 0, f"train.{key}", "must be >= 0")
+    need(t["log_every"] >= 1, "train.log_every", "must be >= 1")
+
+    need(o["lr"] >= 0, "optimizer.lr", "must be >= 0")
+    need(o["warmup_steps"] >= 0, "optimizer.warmup_steps", "must be >= 0")
+    need(0.0 <= o["warmup_ratio"] <= 1.0, "optimizer.warmup_ratio", "must be in [0, 1]")
+    if o["warmup_steps"] > 0 and o["warmup_ratio"] > 0:
+        errors.append(("optimizer.warmup_ratio",
+                       "set either optimizer.warmup_steps or optimizer.warmup_ratio, not both"))
+    need(0.0 <= o["min_lr_ratio"] <= 1.0, "optimizer.min_lr_ratio", "must be in [0, 1]")
+    for key in ("b1", "b2"):
+        need(0.0 <= o[key] < 1.0, f"optimizer.{key}", "must be in [0, 1)")
+    need(o["eps"] > 0, "optimizer.eps", "must be > 0")
+    need(o["weight_decay"] >= 0, "optimizer.weight_decay", "must be >= 0")
+    need(o["max_grad_norm"] >= 0, "optimizer.max_grad_norm", "must be >= 0 (0 = no clipping)")
+
+    k = c["checkpoint"]
+    need(k["every_steps"] >= 0, "checkpoint.every_steps", "must be >= 0 (0 = only at the end)")
+    need(k["keep"] >= 1, "checkpoint.keep", "must be >= 1")
+    need(not (c["stage"] == "sft" and k["best_metric"] == "eval_rewards_accuracy"),
+         "checkpoint.best_metric", "is a DPO metric; use 'auto' or 'eval_loss' for stage sft")
+
+    e, g = c["eval"], c["generate"]
+    need(e["batch_size"] >= 1, "eval.batch_size", "must be >= 1")
+    need(e["max_new_tokens"] >= 1, "eval.max_new_tokens", "must be >= 1")
+    need(e["num_generations"] >= 0, "eval.num_generations", "must be >= 0")
+    need(g["max_new_tokens"] >= 1, "generate.max_new_tokens", "must be >= 1")
+    need(g["temperature"] >= 0, "generate.temperature", "must be >= 0 (0 = greedy)")
+    need(g["top_k"] >= 0, "generate.top_k", "must be >= 0 (0 = off)")
+    need(0.0 < g["top_p"] <= 1.0, "generate.top_p", "must be in (0, 1]")
+
+    need(c["sft"]["z_loss"] >= 0, "sft.z_loss", "must be >= 0")
+    p = c["dpo"]
+    need(p["beta"] > 0, "dpo.beta", "must be > 0")
+    need(0.0 <= p["label_smoothing"] < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+    need(p["sft_weight"] >= 0, "dpo.sft_weight", "must be >= 0")
+    if c["stage"] == "dpo" and p["label_smoothing"] > 0 and p["loss"] in ("ipo", "hinge"):
+        log.warning("dpo.label_smoothing is ignored by dpo.loss=%s", p["loss"])
+    return errors

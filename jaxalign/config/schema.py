@@ -1,0 +1,174 @@
+"""The config schema: every key, its default, its type, its allowed values and what it means.
+
+This table is the one source of truth: `default_config()` builds the ConfigDict from it and
+`validate()` checks types and choices against it. A section is a nested dict; a key is a
+`Field`. Its type is inferred from the default unless given (`STR_OR_LIST` for data files).
+Two keys hold free-form mappings whose inner keys are not checked: `model.config` and
+`mesh.rules`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# Type tags (also the words used in error messages).
+STR, INT, FLOAT, BOOL = "str", "int", "float", "bool"
+LIST_STR = "list of str"
+STR_OR_LIST = "str or list of str"
+MAPPING = "mapping"
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config key: default value, type tag, allowed values (or None) and a one-line doc."""
+
+    default: Any
+    doc: str
+    choices: tuple | None = None
+    type: str = ""
+
+    def __post_init__(self):
+        if not self.type:
+            d = self.default
+            inferred = (
+                BOOL if isinstance(d, bool) else INT if isinstance(d, int)
+                else FLOAT if isinstance(d, float) else STR if isinstance(d, str)
+                else MAPPING if isinstance(d, dict) else LIST_STR if isinstance(d, list)
+                else None
+            )
+            if inferred is None:
+                raise TypeError(f"cannot infer a config type from default {d!r}")
+            object.__setattr__(self, "type", inferred)
+
+
+F = Field
+
+SCHEMA: dict[str, Any] = {
+    "stage": F("sft", "which stage this run trains", ("sft", "dpo")),
+    "output_dir": F("runs/default", "run dir: config.yaml, metrics.jsonl, checkpoints/, eval/"),
+    "run_name": F("", "name shown in logs and reports; '' = basename of output_dir"),
+    "model": {
+        "path": F("", "HF model dir, hub id or jaxalign checkpoint; '' = random model from model.config"),
+        "config": F({}, "inline HF-style model config (model_type, hidden_size, ...) used when path is ''"),
+        "dtype": F("float32", "activation / compute dtype", _DTYPES),
+        "param_dtype": F("float32", "dtype the parameters are stored and updated in", _DTYPES),
+        "remat": F("none", "rematerialization policy of the scanned layer body",
+                   ("none", "full", "dots", "minimal")),
+        "attention": F("auto", "attention kernel; auto = cudnn on GPU, splash on TPU, xla on CPU",
+                       ("auto", "xla", "cudnn", "splash")),
+        "scan_layers": F(True, "stack the layers and scan them: compile time independent of depth"),
+        "logits_chunk_size": F(0, "tokens per chunk for the LM head + log-softmax; 0 = no chunking"),
+        "trust_remote_code": F(False, "passed to transformers when loading a model config / tokenizer"),
+    },
+    "tokenizer": {
+        "path": F("", "tokenizer dir or hub id; '' = model.path"),
+        "chat_template": F("", "'' = the tokenizer's own; llama2, llama3, chatml, plain, or a .jinja file"),
+    },
+    "mesh": {
+        "data": F(1, "size of the pure data-parallel axis; -1 = all remaining devices"),
+        "fsdp": F(-1, "size of the fully-sharded data-parallel axis; -1 = all remaining devices"),
+        "tensor": F(1, "size of the tensor-parallel axis; -1 = all remaining devices"),
+        "rules": F({}, "overrides of the logical-axis rules: {logical_name: mesh axis, list of axes or null}"),
+    },
+    "data": {
+        "train": F("", "training data: a file, dir, glob or hub id, or a list of them", type=STR_OR_LIST),
+        "eval": F("", "eval data, same forms as data.train; '' = split off data.eval_fraction",
+                  type=STR_OR_LIST),
+        "eval_fraction": F(0.0, "fraction of data.train held out for eval when data.eval is ''"),
+        "format": F("auto", "row format; auto = detect from the columns",
+                    ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "preference")),
+        "split": F("train", "split to read from hub / datasets sources"),
+        "max_length": F(1024, "max tokens per sequence (prompt + completion)"),
+        "max_prompt_length": F(512, "max prompt tokens; longer prompts are truncated per data.truncation"),
+        "truncation": F("keep_end", "which end of an over-long prompt is kept", ("keep_start", "keep_end")),
+        "packing": F(True, "pack several SFT examples per sequence (segment ids keep them apart)"),
+        "pad_to_multiple_of": F(64, "pad sequence lengths up to a multiple of this (fewer recompiles)"),
+        "shuffle": F(True, "shuffle training rows each epoch (seeded by train.seed)"),
+        "on_bad_row": F("error", "what to do with a malformed row", ("error", "skip")),
+        "cache_dir": F("", "where tokenized data is cached; '' = output_dir/cache"),
+        "sft_from_preference": F(False, "SFT on the chosen side of preference rows"),
+        "max_rows": F(0, "read at most this many rows per source; 0 = all"),
+    },
+    "train": {
+        "max_steps": F(-1, "optimizer steps to run; -1 = train.epochs over the data"),
+        "epochs": F(1, "passes over the training data when max_steps is -1"),
+        "batch_size": F(8, "global batch per optimizer step: sequences for SFT, pairs for DPO"),
+        "micro_batch_size": F(0, "per-forward batch for gradient accumulation; 0 = no accumulation"),
+        "eval_every": F(100, "evaluate every N steps; 0 = only at the end"),
+        "eval_batches": F(0, "eval batches per evaluation; 0 = the whole eval set"),
+        "log_every": F(10, "write metrics every N steps"),
+        "seed": F(0, "seed for init, shuffling and dropout"),
+        "on_nonfinite": F("skip", "on a NaN/inf loss or grad: skip the update or stop the run",
+                          ("skip", "stop")),
+    },
+    "optimizer": {
+        "name": F("adamw", "optimizer", ("adamw", "sgd")),
+        "lr": F(1e-5, "peak learning rate"),
+        "schedule": F("cosine", "decay after warmup", ("cosine", "linear", "constant")),
+        "warmup_steps": F(0, "linear warmup steps (exclusive with warmup_ratio)"),
+        "warmup_ratio": F(0.0, "warmup as a fraction of total steps (exclusive with warmup_steps)"),
+        "min_lr_ratio": F(0.0, "final lr as a fraction of the peak lr"),
+        "weight_decay": F(0.0, "decoupled weight decay"),
+        "b1": F(0.9, "Adam beta1 (SGD momentum)"),
+        "b2": F(0.999, "Adam beta2"),
+        "eps": F(1e-8, "Adam epsilon"),
+        "max_grad_norm": F(1.0, "clip the global gradient norm to this; 0 = no clipping"),
+        "decay_norms_and_biases": F(False, "also apply weight decay to norm scales and biases"),
+    },
+    "checkpoint": {
+        "every_steps": F(500, "save every N steps; 0 = only at the end"),
+        "keep": F(3, "most recent checkpoints kept"),
+        "keep_best": F(True, "also keep the best checkpoint by checkpoint.best_metric"),
+        "best_metric": F("auto", "metric that picks the best checkpoint; auto = eval_loss for SFT, "
+                         "eval_rewards_accuracy for DPO", ("auto", "eval_loss", "eval_rewards_accuracy")),
+        "async_save": F(True, "write checkpoints in the background"),
+        "save_at_epoch_end": F(True, "also save at the end of each epoch"),
+    },
+    "eval": {
+        "batch_size": F(8, "global eval batch"),
+        "min_sft_skill": F(0.0, "fail the pipeline if the SFT model's held-out skill is below this"),
+        "max_new_tokens": F(64, "tokens generated per prompt in generative eval"),
+        "num_generations": F(64, "prompts sampled for generative eval"),
+        "judge": F("", "judge for generative eval (reward model path or name); '' = none"),
+    },
+    "generate": {
+        "max_new_tokens": F(128, "max tokens generated per prompt"),
+        "temperature": F(0.0, "sampling temperature; 0 = greedy"),
+        "top_k": F(0, "keep the k most likely tokens; 0 = off"),
+        "top_p": F(1.0, "nucleus sampling mass; 1.0 = off"),
+        "stop": F([], "extra stop strings (EOS always stops)"),
+    },
+    "sft": {
+        "loss_on": F("completion", "which tokens are trained on", ("completion", "all")),
+        "z_loss": F(0.0, "weight of the log(Z)^2 auxiliary loss; 0 = off"),
+    },
+    "dpo": {
+        "beta": F(0.1, "DPO temperature: strength of the KL penalty to the reference"),
+        "loss": F("sigmoid", "DPO loss variant (TRL semantics)", ("sigmoid", "ipo", "hinge", "robust")),
+        "label_smoothing": F(0.0, "assumed preference-label noise (cDPO / robust DPO), in [0, 0.5)"),
+        "sft_weight": F(0.0, "weight of an added NLL loss on the chosen completions"),
+        "reference": F("model", "frozen reference: a second model, or log-probs precomputed once",
+                       ("model", "precomputed")),
+        "init_from": F("", "SFT run dir or checkpoint to start from (and use as reference)"),
+    },
+}
+
+
+def iter_fields(schema: dict = SCHEMA, prefix: str = ""):
+    """Yield (dotted_key, Field) for every key in schema order."""
+    for name, node in schema.items():
+        if isinstance(node, Field):
+            yield prefix + name, node
+        else:
+            yield from iter_fields(node, prefix + name + ".")
+
+
+def iter_sections(schema: dict = SCHEMA, prefix: str = ""):
+    """Yield the dotted name of every section."""
+    for name, node in schema.items():
+        if isinstance(node, dict):
+            yield prefix + name
+            yield from iter_sections(node, prefix + name + ".")

@@ -1,0 +1,204 @@
+"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2) as a Flax NNX module.
+
+Layer weights are stacked on a leading "layers" axis and the layer body is one pure function run
+under `jax.lax.scan`, so the program compiles the body once whatever the depth. Every parameter
+carries logical axis names; `jaxalign.sharding` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.models import attention as attn
+from jaxalign.models.config import ModelConfig
+from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
+from jaxalign.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for decoding: k, v [layers, batch, max_len, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array  # [batch, max_len]; 0 marks empty slots and padding
+    index: jax.Array  # int32 scalar: the row index the next token is written at
+
+
+# Logical axis names of each stacked layer weight, by name. Shapes follow from ModelConfig.
+LAYER_AXES = {
+    "attn_norm": ("layers", "norm"),
+    "wq": ("layers", "embed", "heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "bq": ("layers", "heads", "head_dim"),
+    "bk": ("layers", "kv_heads", "head_dim"),
+    "bv": ("layers", "kv_heads", "head_dim"),
+    "wo": ("layers", "heads", "head_dim", "embed"),
+    "bo": ("layers", "norm"),
+    "mlp_norm": ("layers", "norm"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    L, e, h, kv, d, m = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size)
+    shapes = {
+        "attn_norm": (L, e), "wq": (L, e, h, d), "wk": (L, e, kv, d), "wv": (L, e, kv, d),
+        "wo": (L, h, d, e), "mlp_norm": (L, e), "w_gate": (L, e, m), "w_up": (L, e, m), "w_down": (L, m, e),
+    }
+    if cfg.qkv_bias:
+        shapes.update(bq=(L, h, d), bk=(L, kv, d), bv=(L, kv, d))
+    if cfg.o_bias:
+        shapes["bo"] = (L, e)
+    return shapes
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """As transformers: normalise in fp32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Decoder(nnx.Module):
+    """tokens [batch, length] -> logits [batch, length, vocab] (fp32)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str = "float32",
+                 remat: str = "none", attention: str = "auto", scan_layers: bool = True, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = DTYPES[dtype]
+        self.remat = remat
+        self.attention_impl = attention
+        self.scan_layers = scan_layers
+        pdt = DTYPES[param_dtype]
+        normal = nnx.initializers.normal(cfg.initializer_range)
+
+        def weight(shape, names):
+            return nnx.Param(normal(rngs.params(), shape, pdt), out_sharding=names)
+
+        self.embed = weight((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        layers = {}
+        for name, shape in layer_shapes(cfg).items():
+            if name.endswith("norm"):
+                layers[name] = nnx.Param(jnp.ones(shape, pdt), out_sharding=LAYER_AXES[name])
+            elif name.startswith("b"):
+                layers[name] = nnx.Param(jnp.zeros(shape, pdt), out_sharding=LAYER_AXES[name])
+            else:
+                layers[name] = weight(shape, LAYER_AXES[name])
+        self.layers = nnx.Dict(layers)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pdt), out_sharding=("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = weight((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden_states(tokens, positions, segment_ids)[0])
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None,
+                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final-normed hidden states [batch, length, embed], and the updated cache when given one.
+
+        `positions` default to 0..length-1 and `segment_ids` to all ones (one sequence per row);
+        packed rows give each sequence its own segment id and positions restarting at 0.
+        """
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        x = jnp.take(self.embed.get_value().astype(self.dtype), tokens, axis=0)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        inv_freq = inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        cos, sin = rope_tables(positions, inv_freq, self.dtype)
+        if cache is None:
+            mask = attn.attention_mask(segment_ids, segment_ids, 0, self.cfg.sliding_window)
+            kv_segment_ids, q_offset = None, 0
+        else:
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                          (0, cache.index))
+            q_offset = cache.index
+            mask = attn.attention_mask(segment_ids, kv_segment_ids, q_offset, self.cfg.sliding_window)
+        layer = functools.partial(_layer, cfg=self.cfg, cos=cos, sin=sin, mask=mask, q_offset=q_offset,
+                                  impl=self.attention_impl, dtype=self.dtype)
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+        params = {name: p.get_value() for name, p in self.layers.items()}
+        layer_kv = (cache.k, cache.v) if cache is not None else None
+        if self.scan_layers:
+            x, new_kv = jax.lax.scan(lambda h, xs: layer(h, xs[0], xs[1]), x, (params, layer_kv))
+        else:
+            outs = []
+            for i in range(self.cfg.num_hidden_layers):
+                kv_i = None if layer_kv is None else jax.tree.map(lambda a: a[i], layer_kv)
+                x, kv_out = layer(x, jax.tree.map(lambda a: a[i], params), kv_i)
+                outs.append(kv_out)
+            new_kv = None if layer_kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        x = rms_norm(x, self.final_norm.get_value(), self.cfg.rms_norm_eps)
+        if cache is None:
+            return x, None
+        new_cache = KVCache(new_kv[0], new_kv[1], kv_segment_ids, cache.index + tokens.shape[1])
+        return x, new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits for hidden states [..., embed]."""
+        w = self.output_embedding().astype(self.dtype)
+        out = jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "length", "act_vocab")) if out.ndim == 3 else out
+
+    def output_embedding(self) -> jax.Array:
+        """The [embed, vocab] output projection (the transposed input embedding when tied)."""
+        return self.embed.get_value().T if self.cfg.tie_word_embeddings else self.lm_head.get_value()
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.cfg
+        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
+                       jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array] | None, *, cfg: ModelConfig,
+           cos, sin, mask, q_offset, impl: str, dtype) -> tuple[jax.Array, Any]:
+    """One pre-norm decoder block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
+    p = {name: w.astype(dtype) for name, w in p.items()}
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("bte,ehd->bthd", h, p["wq"])
+    k = jnp.einsum("bte,ehd->bthd", h, p["wk"])
+    v = jnp.einsum("bte,ehd->bthd", h, p["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
+    v = constrain(v, ("batch", "length", "act_kv_heads", None))
+    if kv is not None:  # decoding: write this step's keys/values into the cache, attend over all of it
+        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, q_offset, 0, 0))
+        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, q_offset, 0, 0))
+        kv = (k, v)
+    out = attn.attention(q, k, v, mask, impl)
+    out = jnp.einsum("bthd,hde->bte", out, p["wo"])
+    if cfg.o_bias:
+        out = out + p["bo"]
+    x = constrain(x + out, ("batch", "length", "act_embed"))
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate = constrain(jnp.einsum("bte,em->btm", h, p["w_gate"]), ("batch", "length", "act_mlp"))
+    up = jnp.einsum("bte,em->btm", h, p["w_up"])
+    x = x + jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, p["w_down"])
+    return constrain(x, ("batch", "length", "act_embed")), kv
