@@ -187,10 +187,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_token = sp.id_to_piece(self.eos_id)
         self.unk_token = sp.id_to_piece(unk) if unk >= 0 else None
         # Strings parsed atomically from text: control pieces (<s>, </s>), unk, user-defined pieces.
+        user_defined = _user_defined_ids(sp)
         self.special_ids = {
             sp.id_to_piece(i): i
             for i in range(self.vocab_size)
-            if sp.is_control(i) or sp.is_unknown(i) or _is_user_defined(sp, i)
+            if sp.is_control(i) or sp.is_unknown(i) or i in user_defined
         }
         self.special_ids.pop("", None)
         # Longest first so "<s>" never matches inside a longer special string.
@@ -321,10 +322,14 @@ class SentencePieceTokenizer(Tokenizer):
         _set_tokenizer_class(out_dir, "PreTrainedTokenizerFast")
 
 
-def _is_user_defined(sp: Any, i: int) -> bool:
-    # sentencepiece has no public is_user_defined; those pieces are neither normal, control,
-    # unknown, unused nor byte, and are matched verbatim in text.
-    return hasattr(sp, "IsUserDefined") and sp.IsUserDefined(i)
+def _user_defined_ids(sp: Any) -> set[int]:
+    """Ids of USER_DEFINED pieces (matched verbatim in text); the processor has no accessor for them."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return {i for i, piece in enumerate(proto.pieces) if piece.type == user_defined}
 
 
 def _char_byte_starts(text: str) -> list[int]:

@@ -1,0 +1,193 @@
+"""The one place a model path is opened: a Hugging Face directory or a jaxalign model checkpoint.
+
+A jaxalign model checkpoint directory holds:
+    jaxalign_model.json   ModelConfig.to_dict(), the source checkpoint's dtype, the format version
+    params/               Orbax checkpoint of the parameters as a pure dict (nnx.to_pure_dict)
+    tokenizer/            tokenizer files (optional)
+Params restore straight onto any mesh: Orbax reads each device's block for the target sharding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from jaxalign.convert import dir_listing, hf_source_dtype, load_hf_state
+from jaxalign.errors import JaxalignError
+from jaxalign.models import Decoder, ModelConfig, abstract_model, load_hf_config
+
+MODEL_FILE = "jaxalign_model.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_NAME = "jaxalign-model"
+FORMAT_VERSION = 1
+
+# Files a HF tokenizer may consist of (copied verbatim when jaxalign.tokenizer is unavailable).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def resolve_model_path(path: str | pathlib.Path) -> pathlib.Path:
+    """The model directory a user-given path stands for.
+
+    Hook: training run dirs (RUN, RUN/checkpoints/{step}) will resolve to their model checkpoint
+    here; for now a path must itself be a HF directory or a jaxalign model checkpoint.
+    """
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise JaxalignError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise JaxalignError(f"model path {path} is a file; expected a directory (a Hugging Face model "
+                            f"directory or a jaxalign model checkpoint)")
+    return path
+
+
+def detect_model_format(path: str | pathlib.Path) -> str:
+    """"hf" (config.json) or "jaxalign" (jaxalign_model.json)."""
+    path = resolve_model_path(path)
+    if (path / MODEL_FILE).is_file():
+        return "jaxalign"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise JaxalignError(
+        f"{path} is neither a Hugging Face model directory (config.json + *.safetensors) nor a jaxalign "
+        f"model checkpoint ({MODEL_FILE} + {PARAMS_DIR}/); it contains: {dir_listing(path)}")
+
+
+def _read_meta(path: pathlib.Path) -> dict[str, Any]:
+    meta = json.loads((path / MODEL_FILE).read_text())
+    version = meta.get("format_version")
+    if meta.get("format") != FORMAT_NAME or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise JaxalignError(f"{path / MODEL_FILE}: format {meta.get('format')!r} version {version!r} is not "
+                            f"readable by this jaxalign (reads {FORMAT_NAME!r} up to version {FORMAT_VERSION})")
+    return meta
+
+
+def load_model_config(path: str | pathlib.Path) -> ModelConfig:
+    path = resolve_model_path(path)
+    if detect_model_format(path) == "hf":
+        return load_hf_config(path)
+    return ModelConfig.from_dict(_read_meta(path)["model_config"])
+
+
+def source_dtype(path: str | pathlib.Path) -> str | None:
+    """The dtype the model was originally published in (what an HF export writes by default)."""
+    path = resolve_model_path(path)
+    if detect_model_format(path) == "hf":
+        return hf_source_dtype(path)
+    return _read_meta(path).get("source_dtype")
+
+
+def load_model(path: str | pathlib.Path, mesh: Mesh, rules: Mapping[str, Any] | None = None,
+               **options: Any) -> Decoder:
+    """A Decoder with the weights at `path`, each parameter placed sharded over `mesh`.
+
+    `options` are Decoder's (dtype, param_dtype, remat, attention, scan_layers); weights are cast
+    to `param_dtype` (default float32).
+    """
+    path = resolve_model_path(path)
+    cfg = load_model_config(path)
+    graphdef, abstract, shardings = abstract_model(cfg, mesh, rules, **options)
+    if detect_model_format(path) == "hf":
+        state = load_hf_state(path, cfg, shardings, options.get("param_dtype", "float32"))
+    else:
+        state = _restore_params(path, abstract, shardings)
+    return nnx.merge(graphdef, state)
+
+
+def _restore_params(path: pathlib.Path, abstract: nnx.State, shardings: nnx.State) -> nnx.State:
+    params_dir = path / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise JaxalignError(f"{path}: no {PARAMS_DIR}/ directory (found: {dir_listing(path)})")
+    # The target's shardings (not the saved ones) decide placement, so any mesh can restore.
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params_dir.absolute(), target)
+    except (ValueError, KeyError) as e:  # Orbax reports tree/shape mismatches this way
+        raise JaxalignError(f"{params_dir}: parameters do not match the model in {MODEL_FILE}: {e}") from e
+    nnx.replace_by_pure_dict(abstract, restored)  # in place: keeps each Variable's metadata
+    return abstract
+
+
+def save_model_checkpoint(model: Decoder, out_dir: str | pathlib.Path, tokenizer: Any = None,
+                          source_dtype: str | None = None) -> pathlib.Path:
+    """Write `model` as a jaxalign model checkpoint (every process must call this; process 0 writes files).
+
+    `tokenizer` is anything with `save_pretrained(dir)`; `source_dtype` is the dtype of the HF
+    checkpoint the weights came from, so an export writes that dtype again.
+    """
+    out_dir = pathlib.Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise JaxalignError(f"output directory {out_dir} is not empty (holds: {dir_listing(out_dir)}); "
+                            "choose a new or empty directory")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out_dir / PARAMS_DIR, params)
+        ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_config": model.cfg.to_dict(),
+                "source_dtype": source_dtype, "param_dtype": jax.numpy.dtype(params["embed"].dtype).name}
+        (out_dir / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxalign.model_io.save_model_checkpoint")
+    return out_dir
+
+
+# --- tokenizers -------------------------------------------------------------------------------
+
+def tokenizer_path(path: str | pathlib.Path) -> pathlib.Path:
+    """Where the tokenizer of a model directory lives: the HF directory itself, or CKPT/tokenizer/."""
+    path = resolve_model_path(path)
+    where = path if detect_model_format(path) == "hf" else path / TOKENIZER_DIR
+    if not has_tokenizer(where):
+        raise JaxalignError(f"no tokenizer files in {where} (looked for {', '.join(TOKENIZER_FILES[:3])}, ...); "
+                            "pass a tokenizer path explicitly")
+    return where
+
+
+def has_tokenizer(directory: str | pathlib.Path) -> bool:
+    directory = pathlib.Path(directory)
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+class TokenizerFiles:
+    """A tokenizer as its files: `save_pretrained` copies them (no tokenizer library involved)."""
+
+    def __init__(self, directory: str | pathlib.Path):
+        self.directory = pathlib.Path(directory)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (self.directory / name).is_file():
+                shutil.copy2(self.directory / name, pathlib.Path(out_dir) / name)
+
+
+def model_tokenizer(path: str | pathlib.Path) -> Any:
+    """The tokenizer stored with a model (an object with `save_pretrained`), or None when there is none.
+
+    Uses `jaxalign.tokenizer.load_tokenizer` when that module exists, else copies the files.
+    """
+    path = resolve_model_path(path)
+    where = path if detect_model_format(path) == "hf" else path / TOKENIZER_DIR
+    if not has_tokenizer(where):
+        return None
+    if importlib.util.find_spec("jaxalign.tokenizer") is not None:
+        from jaxalign.tokenizer import load_tokenizer
+
+        return load_tokenizer(str(where))
+    return TokenizerFiles(where)
