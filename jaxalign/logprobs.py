@@ -12,22 +12,24 @@ import jax
 import jax.numpy as jnp
 
 
-def gather_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log softmax(logits)[target], fp32, shape of `targets`."""
+def logit_stats(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """Per target: log softmax(logits)[target] ("logp"), logsumexp ("lse"), argmax == target ("correct")."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {"logp": logp, "lse": lse, "correct": correct}
 
 
-def token_logprobs(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = 0) -> jax.Array:
-    """Log-prob of each target given final hidden states [batch, length, embed].
+def token_stats(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = 0) -> dict[str, jax.Array]:
+    """`logit_stats` of each target given final hidden states [batch, length, embed].
 
     With `chunk_size` > 0 the vocab projection runs over `chunk_size` positions at a time and is
     recomputed in the backward pass, so fp32 logits of the whole batch never exist at once.
     """
     length = hidden.shape[1]
     if chunk_size <= 0 or length <= chunk_size:
-        return gather_logprobs(model.logits(hidden), targets)
+        return logit_stats(model.logits(hidden), targets)
     pad = -length % chunk_size
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     padded_targets = jnp.pad(targets, ((0, 0), (0, pad)))
@@ -39,10 +41,15 @@ def token_logprobs(model, hidden: jax.Array, targets: jax.Array, chunk_size: int
     @jax.checkpoint
     def chunk(h, t):
         logits = jnp.einsum("bce,ev->bcv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-        return gather_logprobs(logits, t)
+        return logit_stats(logits, t)
 
     out = jax.lax.map(lambda xs: chunk(*xs), (hs, ts))
-    return out.swapaxes(0, 1).reshape(targets.shape[0], -1)[:, :length]
+    return {k: v.swapaxes(0, 1).reshape(targets.shape[0], -1)[:, :length] for k, v in out.items()}
+
+
+def token_logprobs(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = 0) -> jax.Array:
+    """Log-prob of each target given final hidden states [batch, length, embed]."""
+    return token_stats(model, hidden, targets, chunk_size)["logp"]
 
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,0 +1,150 @@
+"""The train and eval steps: pure functions, jit-compiled with explicit shardings, state donated.
+
+One step = normalisers of the whole batch -> for each micro-batch, value_and_grad of the stage's
+objective (summed) -> optax update, skipped when the loss or gradients are not finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxalign.logprobs import masked_sum, token_stats
+from jaxalign.sharding import batch_sharding, constrain
+from jaxalign.train.losses import dpo_loss, sft_loss
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nested dict of arrays (nnx.to_pure_dict of the model's Params)
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a stage trains: its loss and how to normalise it over the whole batch."""
+
+    stage: str
+    chunk_size: int = 0
+    z_loss: float = 0.0
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+
+    def normalisers(self, batch: Batch) -> dict[str, jax.Array]:
+        mask = batch["loss_mask"].astype(jnp.int32)
+        if self.stage == "sft":
+            return {"tokens": jnp.sum(mask)}
+        pairs = batch["tokens"].shape[0] // 2
+        return {"pairs": jnp.asarray(pairs, jnp.int32), "chosen_tokens": jnp.sum(mask[:pairs])}
+
+    def __call__(self, model, batch: Batch, norms: dict[str, jax.Array],
+                 ref_model=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        stats = token_stats(model, hidden, batch["targets"], self.chunk_size)
+        if self.stage == "sft":
+            return sft_loss(stats["logp"], stats["lse"], stats["correct"], batch["loss_mask"], norms["tokens"],
+                            self.z_loss)
+        policy_logps = masked_sum(stats["logp"], batch["loss_mask"])
+        num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.int32), axis=-1)
+        ref_logps = batch["ref_logps"] if ref_model is None else reference_logps(ref_model, batch, self.chunk_size)
+        pairs = policy_logps.shape[0] // 2
+        return dpo_loss(policy_logps, jax.lax.stop_gradient(ref_logps), num_tokens, norms["pairs"],
+                        beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                        sft_weight=self.sft_weight, chosen_nll_sum=-jnp.sum(policy_logps[:pairs]),
+                        chosen_tokens_total=norms["chosen_tokens"])
+
+
+def reference_logps(ref_model, batch: Batch, chunk_size: int = 0) -> jax.Array:
+    hidden, _ = ref_model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return masked_sum(token_stats(ref_model, hidden, batch["targets"], chunk_size)["logp"], batch["loss_mask"])
+
+
+def split_micro_batches(batch: Batch, k: int, paired: bool) -> Batch:
+    """[rows, ...] -> [k, rows/k, ...]. Micro-batch i takes rows i, i+k, ... so every device's rows
+    feed every micro-batch (no resharding); for DPO the pair layout (chosen rows, then rejected)
+    is kept inside each micro-batch."""
+
+    def split(x):
+        if paired:
+            x = x.reshape(2, x.shape[0] // (2 * k), k, *x.shape[1:])
+            x = jnp.moveaxis(x, 2, 0)
+            return x.reshape(k, -1, *x.shape[3:])
+        return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+
+    return {name: split(x) for name, x in batch.items()}
+
+
+def make_train_step(graphdef: nnx.GraphDef, objective: Objective, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, accum_steps: int = 1) -> Callable:
+    """step(state, batch, ref_params) -> (state, metrics). ref_params is None unless a live reference."""
+
+    def step(state: TrainState, batch: Batch, ref_params=None):
+        norms = objective.normalisers(batch)
+        ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
+
+        def micro_grads(mb: Batch):
+            def loss_fn(params):
+                return objective(nnx.merge(graphdef, params), mb, norms, ref_model)
+
+            return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+        if accum_steps == 1:
+            (loss, metrics), grads = micro_grads(batch)
+        else:
+            micro = split_micro_batches(batch, accum_steps, paired=objective.stage == "dpo")
+
+            def body(acc, mb):
+                mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
+                (loss, metrics), grads = micro_grads(mb)
+                return jax.tree.map(jnp.add, acc, (loss, metrics, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], micro)))
+            (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
+
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite step leaves the state as it was; the loop counts or stops on it.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state))
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "nonfinite": (~finite).astype(jnp.int32), **{f"num_{k}": v for k, v in norms.items()}}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, objective: Objective) -> Callable:
+    """eval(params, batch, ref_params) -> metrics of the batch (same definitions as training)."""
+
+    def evaluate(params, batch: Batch, ref_params=None):
+        norms = objective.normalisers(batch)
+        ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
+        loss, metrics = objective(nnx.merge(graphdef, params), batch, norms, ref_model)
+        return {**metrics, "loss": loss, **{f"num_{k}": v for k, v in norms.items()}}
+
+    return evaluate
+
+
+def batch_shardings(batch_shapes: dict[str, tuple[int, ...]], mesh) -> dict[str, jax.sharding.NamedSharding]:
+    return {name: batch_sharding(mesh, len(shape)) for name, shape in batch_shapes.items()}
+
+
+def jit_train_step(step: Callable, state_shardings, batch_shards, ref_shardings=None):
+    """Explicit in/out shardings; the old state is donated so params and optimizer state are updated in place."""
+    return jax.jit(step, in_shardings=(state_shardings, batch_shards, ref_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
