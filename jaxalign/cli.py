@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -36,11 +37,72 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     _COMMANDS["score"] = _score
 
 
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the run's YAML config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set dpo.beta=0.2 (repeatable)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxalign.config import load_config
+    from jaxalign.train.loop import train
+
+    cfg = load_config(args.config, args.set)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="run one stage (SFT or DPO, from the config's `stage`)",
+                       description="Train one stage. The run dir (output_dir) receives config.yaml, "
+                                   "metrics.jsonl, checkpoints/{step}/, best.json and summary.json.")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    _COMMANDS["train"] = _train
+
+
+def _data(args: argparse.Namespace) -> int:
+    from jaxalign.config import load_config
+    from jaxalign.data.inspect import inspect_data
+    from jaxalign.data.pipeline import load_examples
+    from jaxalign.train.loop import run_tokenizer
+
+    cfg = load_config(args.config, args.set)
+    stages = [args.stage] if args.stage else [cfg.stage]
+    tokenizer = run_tokenizer(cfg)
+    for stage in stages:
+        train_examples, _, stats = load_examples(cfg, tokenizer, stage=stage)
+        print(inspect_data(train_examples, flat_counts(stats["train"]), tokenizer, stage, cfg.data))
+    return 0
+
+
+def flat_counts(stats) -> dict[str, int]:
+    """DataStats as name -> count, drops listed by reason."""
+    counts = {k: v for k, v in stats.to_dict().items() if isinstance(v, int) and not isinstance(v, bool)}
+    counts.update({f"dropped ({reason})": n for reason, n in stats.dropped_by_reason.items()})
+    return counts
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="look at the data a config produces (`data inspect`)")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    q = verbs.add_parser("inspect", help="counts, lengths, truncations, drops, packing efficiency, a marked example",
+                         description="Tokenize the config's training data as the stage would and report on it: "
+                                     "counts, length percentiles, truncation and drop counts, packing efficiency, "
+                                     "near-identical pairs (DPO), and one decoded example with trained tokens "
+                                     "marked [[like this]].")
+    _add_config_args(q)
+    q.add_argument("--stage", choices=["sft", "dpo"], default="", help="inspect as this stage (default: the config's)")
+    _COMMANDS["data"] = _data
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxalign", description="SFT then DPO for open-weight LLMs in JAX/Flax.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_score,):
+    for add in (_add_train, _add_data, _add_score):
         add(sub)
     return parser
 
@@ -49,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Orbax logs every checkpoint step through absl at INFO; keep it for --verbose.
+    logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
         return _COMMANDS[args.command](args)
     except JaxalignError as e:

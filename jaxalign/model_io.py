@@ -27,6 +27,8 @@ from jaxalign.errors import JaxalignError
 from jaxalign.models import Decoder, ModelConfig, abstract_model, load_hf_config
 
 MODEL_FILE = "jaxalign_model.json"
+RUN_MODEL_DIR = "model"  # RUN/model/: the run's model description and tokenizer
+BEST_FILE = "best.json"  # RUN/best.json: {"step", "metric", "value"} of the best checkpoint
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_NAME = "jaxalign-model"
@@ -40,8 +42,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def resolve_model_path(path: str | pathlib.Path) -> pathlib.Path:
     """The model directory a user-given path stands for.
 
-    Hook: training run dirs (RUN, RUN/checkpoints/{step}) will resolve to their model checkpoint
-    here; for now a path must itself be a HF directory or a jaxalign model checkpoint.
+    Accepted: a Hugging Face model dir, a jaxalign model checkpoint, a training run dir (its best
+    checkpoint by validation, else its latest), or one step dir of a run (RUN/checkpoints/{step}).
     """
     path = pathlib.Path(path).expanduser()
     if not path.exists():
@@ -49,13 +51,40 @@ def resolve_model_path(path: str | pathlib.Path) -> pathlib.Path:
     if not path.is_dir():
         raise JaxalignError(f"model path {path} is a file; expected a directory (a Hugging Face model "
                             f"directory or a jaxalign model checkpoint)")
+    if (path / RUN_MODEL_DIR / MODEL_FILE).is_file() and (path / "checkpoints").is_dir():
+        return run_checkpoint(path)
+    return path
+
+
+def run_checkpoint(run_dir: pathlib.Path, which: str = "best") -> pathlib.Path:
+    """RUN/checkpoints/{step}: the best by validation (RUN/best.json) when `which` is "best" and
+    one is recorded, else the latest complete step."""
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()
+                   and (p / PARAMS_DIR).is_dir())
+    if not steps:
+        raise JaxalignError(f"run dir {run_dir} has no complete checkpoint yet")
+    best_file = run_dir / BEST_FILE
+    if which == "best" and best_file.is_file():
+        best = json.loads(best_file.read_text()).get("step")
+        if best in steps:
+            return run_dir / "checkpoints" / str(best)
+    return run_dir / "checkpoints" / str(steps[-1])
+
+
+def _meta_dir(path: pathlib.Path) -> pathlib.Path:
+    """Where MODEL_FILE and the tokenizer live: the checkpoint itself, or RUN/model/ for a step dir."""
+    if (path / MODEL_FILE).is_file():
+        return path
+    run_model = path.parent.parent / RUN_MODEL_DIR
+    if (path / PARAMS_DIR).is_dir() and path.parent.name == "checkpoints" and (run_model / MODEL_FILE).is_file():
+        return run_model
     return path
 
 
 def detect_model_format(path: str | pathlib.Path) -> str:
     """"hf" (config.json) or "jaxalign" (jaxalign_model.json)."""
     path = resolve_model_path(path)
-    if (path / MODEL_FILE).is_file():
+    if (_meta_dir(path) / MODEL_FILE).is_file():
         return "jaxalign"
     if (path / "config.json").is_file():
         return "hf"
@@ -65,7 +94,7 @@ def detect_model_format(path: str | pathlib.Path) -> str:
 
 
 def _read_meta(path: pathlib.Path) -> dict[str, Any]:
-    meta = json.loads((path / MODEL_FILE).read_text())
+    meta = json.loads((_meta_dir(path) / MODEL_FILE).read_text())
     version = meta.get("format_version")
     if meta.get("format") != FORMAT_NAME or not isinstance(version, int) or version > FORMAT_VERSION:
         raise JaxalignError(f"{path / MODEL_FILE}: format {meta.get('format')!r} version {version!r} is not "
@@ -136,15 +165,25 @@ def save_model_checkpoint(model: Decoder, out_dir: str | pathlib.Path, tokenizer
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out_dir / PARAMS_DIR, params)
         ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_config": model.cfg.to_dict(),
-                "source_dtype": source_dtype, "param_dtype": jax.numpy.dtype(params["embed"].dtype).name}
-        (out_dir / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+    write_model_description(out_dir, model.cfg, tokenizer, source_dtype,
+                            jax.numpy.dtype(params["embed"].dtype).name)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxalign.model_io.save_model_checkpoint")
     return out_dir
+
+
+def write_model_description(out_dir: str | pathlib.Path, cfg: ModelConfig, tokenizer: Any = None,
+                            source_dtype: str | None = None, param_dtype: str = "float32") -> None:
+    """MODEL_FILE (+ tokenizer/) in `out_dir`: what makes params/ beside it, or a run's step dirs, a model."""
+    if jax.process_index() != 0:
+        return
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_config": cfg.to_dict(),
+            "source_dtype": source_dtype, "param_dtype": param_dtype}
+    (out_dir / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
 
 
 # --- tokenizers -------------------------------------------------------------------------------
@@ -152,7 +191,7 @@ def save_model_checkpoint(model: Decoder, out_dir: str | pathlib.Path, tokenizer
 def tokenizer_path(path: str | pathlib.Path) -> pathlib.Path:
     """Where the tokenizer of a model directory lives: the HF directory itself, or CKPT/tokenizer/."""
     path = resolve_model_path(path)
-    where = path if detect_model_format(path) == "hf" else path / TOKENIZER_DIR
+    where = path if detect_model_format(path) == "hf" else _meta_dir(path) / TOKENIZER_DIR
     if not has_tokenizer(where):
         raise JaxalignError(f"no tokenizer files in {where} (looked for {', '.join(TOKENIZER_FILES[:3])}, ...); "
                             "pass a tokenizer path explicitly")
@@ -183,7 +222,7 @@ def model_tokenizer(path: str | pathlib.Path) -> Any:
     Uses `jaxalign.tokenizer.load_tokenizer` when that module exists, else copies the files.
     """
     path = resolve_model_path(path)
-    where = path if detect_model_format(path) == "hf" else path / TOKENIZER_DIR
+    where = path if detect_model_format(path) == "hf" else _meta_dir(path) / TOKENIZER_DIR
     if not has_tokenizer(where):
         return None
     if importlib.util.find_spec("jaxalign.tokenizer") is not None:

@@ -55,11 +55,16 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def read_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, row) for each non-blank line of a JSON Lines file."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise JaxalignError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JaxalignError(f"{path}:{i}: invalid UTF-8 (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -71,9 +76,13 @@ def read_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]
             yield i, row
 
 
+def is_id_row(row: dict[str, Any]) -> bool:
+    return "prompt_ids" in row or "completion_ids" in row
+
+
 def row_ids(row: dict[str, Any], tokenizer, where: str) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of one input row, text or ids."""
-    if "prompt_ids" in row or "completion_ids" in row:
+    if is_id_row(row):
         ids = []
         for key in ("prompt_ids", "completion_ids"):
             value = row.get(key)
@@ -95,6 +104,20 @@ def row_ids(row: dict[str, Any], tokenizer, where: str) -> tuple[list[int], list
     return prompt, completion
 
 
+def check_ids(prompt: Sequence[int], completion: Sequence[int], vocab_size: int | None, where: str) -> None:
+    """Reject what cannot be scored: an empty prompt or completion, ids outside the model's vocab."""
+    if not prompt:
+        raise JaxalignError(f"{where}: the prompt is empty; a prompt needs at least one token (the first "
+                            "completion token is predicted from it), e.g. the BOS token")
+    if not completion:
+        raise JaxalignError(f"{where}: the completion is empty (nothing to score)")
+    if vocab_size is not None:
+        bad = [t for t in (*prompt, *completion) if not 0 <= t < vocab_size]
+        if bad:
+            raise JaxalignError(f"{where}: token id {bad[0]} is out of range for the model's vocab of {vocab_size} "
+                                f"(ids 0..{vocab_size - 1})")
+
+
 def make_score_fn(graphdef: nnx.GraphDef, chunk_size: int = 0):
     @jax.jit
     def score(state, batch):
@@ -105,13 +128,13 @@ def make_score_fn(graphdef: nnx.GraphDef, chunk_size: int = 0):
 
 
 def score_rows(model, rows: Iterable[tuple[str, list[int], list[int]]], mesh, batch_size: int = 8,
-               pad_to_multiple_of: int = 64, pad_id: int = 0, chunk_size: int = 0) -> list[tuple[float, int]]:
+               pad_to_multiple_of: int = 64, pad_id: int = 0, chunk_size: int = 0,
+               vocab_size: int | None = None) -> list[tuple[float, int]]:
     """(summed log-prob, number of completion tokens) for each (where, prompt_ids, completion_ids)."""
     rows = list(rows)
     examples = []
     for where, prompt, completion in rows:
-        if not completion:
-            raise JaxalignError(f"{where}: the completion is empty (nothing to score)")
+        check_ids(prompt, completion, vocab_size, where)
         examples.append(completion_example(prompt, completion))
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     rows_per_batch = round_up(max(batch_size, 1), data_parallel)
@@ -139,15 +162,29 @@ def run_score(model_path: str, data_path: str, out_path: str, batch_size: int = 
     from jaxalign import model_io
     from jaxalign.tokenizer import load_tokenizer
 
+    # Validate everything cheap (paths, rows, tokenization) before the model is loaded.
+    model_dir = model_io.resolve_model_path(model_path)
+    cfg = model_io.load_model_config(model_dir)
+    inputs = list(read_jsonl(data_path))
+    tokenizer = None
+    if tokenizer_path:
+        tokenizer = load_tokenizer(tokenizer_path)
+    elif not all(is_id_row(row) for _, row in inputs):  # id rows need no tokenizer; text rows do
+        try:
+            own = model_io.tokenizer_path(model_dir)
+        except JaxalignError:
+            own = None  # the model has none: row_ids names the first text row and asks for --tokenizer
+        tokenizer = load_tokenizer(str(own)) if own is not None else None
+    rows = [(f"{data_path}:{i}", *row_ids(row, tokenizer, f"{data_path}:{i}")) for i, row in inputs]
+    for where, prompt, completion in rows:
+        check_ids(prompt, completion, cfg.vocab_size, where)
+    pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
+    pad_id = pad_id if 0 <= pad_id < cfg.vocab_size else 0
+
     mesh = make_mesh(mesh_sizes or {"data": 1, "fsdp": -1, "tensor": 1})
     with use_mesh(mesh):
-        model = model_io.load_model(model_path, mesh, dtype=dtype)
-    tok_path = tokenizer_path or model_io.tokenizer_path(model_path)
-    tokenizer = load_tokenizer(tok_path) if tok_path else None
-    inputs = list(read_jsonl(data_path))
-    rows = [(f"{data_path}:{i}", *row_ids(row, tokenizer, f"{data_path}:{i}")) for i, row in inputs]
-    pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-    results = score_rows(model, rows, mesh, batch_size, pad_id=pad_id)
+        model = model_io.load_model(model_dir, mesh, dtype=dtype)
+    results = score_rows(model, rows, mesh, batch_size, pad_id=pad_id, vocab_size=cfg.vocab_size)
     if jax.process_index() == 0:
         out = pathlib.Path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)

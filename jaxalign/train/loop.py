@@ -1,0 +1,342 @@
+"""`jaxalign train`: one loop for both stages; the config's `stage` picks the objective and batches.
+
+Run dir: config.yaml (resolved), metrics.jsonl, model/ (model description + tokenizer, so every
+checkpoint is a model path), checkpoints/{step}/, best.json, eval/. Process 0 writes shared files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from jaxalign import model_io
+from jaxalign.checkpoint import RunCheckpointer, abstract_like
+from jaxalign.config import save_config
+from jaxalign.data.iterator import make_iterator, to_global_arrays
+from jaxalign.errors import JaxalignError
+from jaxalign.models import ModelConfig, init_model
+from jaxalign.sharding import make_mesh, merged_rules, use_mesh
+from jaxalign.train.optimizer import build_optimizer
+from jaxalign.train.step import (
+    Objective, TrainState, batch_shardings, jit_train_step, make_eval_step, make_train_step, reference_logps,
+)
+
+log = logging.getLogger(__name__)
+
+
+def objective_from_config(cfg) -> Objective:
+    return Objective(stage=cfg.stage, chunk_size=cfg.model.logits_chunk_size, z_loss=cfg.sft.z_loss,
+                     beta=cfg.dpo.beta, loss_type=cfg.dpo.loss, label_smoothing=cfg.dpo.label_smoothing,
+                     sft_weight=cfg.dpo.sft_weight)
+
+
+def model_options(cfg) -> dict[str, Any]:
+    m = cfg.model
+    return {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat": m.remat, "attention": m.attention,
+            "scan_layers": m.scan_layers}
+
+
+def initial_model_path(cfg) -> str:
+    """DPO starts from `dpo.init_from` (an SFT run dir, a checkpoint or an HF dir) when given."""
+    if cfg.stage == "dpo" and cfg.dpo.init_from:
+        return cfg.dpo.init_from
+    return cfg.model.path
+
+
+def prepare_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
+    """Refuse to mix two runs in one dir: an existing run needs --resume or --overwrite."""
+    run = pathlib.Path(cfg.output_dir)
+    if (run / "config.yaml").exists() and not resume:
+        if not overwrite:
+            raise JaxalignError(f"output dir {run} already holds a run; pass --resume to continue it or "
+                                "--overwrite to replace it (or choose another train.output_dir)")
+        if jax.process_index() == 0:
+            shutil.rmtree(run)
+    if jax.process_index() == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+    return run
+
+
+def load_model_and_tokenizer(cfg, mesh, rules):
+    path = initial_model_path(cfg)
+    options = model_options(cfg)
+    if path:
+        model = model_io.load_model(path, mesh, rules, **options)
+        model_cfg, dtype = model.cfg, model_io.source_dtype(path)
+    else:
+        if not cfg.model.config:
+            raise JaxalignError("set model.path (an HF dir or jaxalign checkpoint) or model.config (an inline "
+                                "HF-style architecture to initialise randomly)")
+        model_cfg = ModelConfig.from_hf_dict(dict(cfg.model.config), source="model.config")
+        model = init_model(model_cfg, mesh, rules, seed=cfg.train.seed, **options)
+        dtype = cfg.model.param_dtype
+    tokenizer = run_tokenizer(cfg)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise JaxalignError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                            f"{model_cfg.vocab_size}")
+    return model, tokenizer, dtype
+
+
+def run_tokenizer(cfg):
+    """The run's tokenizer: tokenizer.path, else the starting model's own."""
+    from jaxalign.tokenizer import load_tokenizer
+
+    path = initial_model_path(cfg)
+    tok_path = cfg.tokenizer.path or (str(model_io.tokenizer_path(path)) if path else "")
+    if not tok_path:
+        raise JaxalignError("set tokenizer.path (or model.path to a model dir with a tokenizer)")
+    return load_tokenizer(tok_path, cfg.tokenizer.chat_template, cfg.model.trust_remote_code)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per record) on process 0, plus TensorBoard when installed."""
+
+    def __init__(self, run: pathlib.Path):
+        self.path = run / "metrics.jsonl"
+        self.writer = None
+        if jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+                self.writer = SummaryWriter(str(run / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        if jax.process_index() != 0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(k, v, record["step"])
+            self.writer.flush()
+
+
+def mean_over(records: list[dict[str, Any]], weight_key: str) -> dict[str, float]:
+    """Average metrics of several batches, each weighted by its tokens (SFT) or pairs (DPO)."""
+    weights = np.array([float(r[weight_key]) for r in records])
+    total = max(weights.sum(), 1.0)
+    keys = [k for k in records[0] if not k.startswith("num_")]
+    out = {k: float(sum(float(r[k]) * w for r, w in zip(records, weights)) / total) for k in keys}
+    out[weight_key] = float(weights.sum())
+    return out
+
+
+class Trainer:
+    """Everything one run holds: mesh, model state, data iterators, compiled steps, checkpoints."""
+
+    def __init__(self, cfg, *, resume: bool = False, overwrite: bool = False):
+        from jaxalign.data.pipeline import load_examples
+
+        self.cfg = cfg
+        self.run = prepare_run_dir(cfg, resume, overwrite)
+        self.rules = merged_rules(dict(cfg.mesh.rules))
+        self.mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
+        self.stage = cfg.stage
+        self.weight_key = "num_tokens" if self.stage == "sft" else "num_pairs"
+        with use_mesh(self.mesh, self.rules):
+            model, self.tokenizer, source_dtype = load_model_and_tokenizer(cfg, self.mesh, self.rules)
+            model_io.write_model_description(self.run / model_io.RUN_MODEL_DIR, model.cfg, self.tokenizer,
+                                             source_dtype, cfg.model.param_dtype)
+            self.graphdef, params = nnx.split(model)
+            params = nnx.to_pure_dict(params)
+            self.train_examples, self.eval_examples, self.data_stats = load_examples(cfg, self.tokenizer, self.run)
+            self.objective = objective_from_config(cfg)
+            self.ref_params = None
+            if self.stage == "dpo":
+                if cfg.dpo.reference == "model":
+                    # A frozen copy: never donated, never updated.
+                    self.ref_params = jax.tree.map(jnp.copy, params)
+                else:
+                    self.precompute_reference(params)
+            pad_id = self.tokenizer.pad_id or 0
+            self.train_iter = make_iterator(self.train_examples, cfg, mesh=self.mesh, pad_id=pad_id)
+            self.pad_id = pad_id
+            self.total_steps = self.planned_steps()
+            optimizer, self.schedule = build_optimizer(cfg.optimizer, self.total_steps)
+            self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                    opt_state=jax.jit(optimizer.init)(params))
+            self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+            accum = cfg.train.batch_size // cfg.train.micro_batch_size if cfg.train.micro_batch_size else 1
+            self.step_fn_raw = make_train_step(self.graphdef, self.objective, optimizer, self.schedule, accum)
+            self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.objective))
+            self._compiled: dict[tuple, Any] = {}
+        best_metric = self.best_metric_name()
+        self.ckpt = RunCheckpointer(self.run / "checkpoints", keep=cfg.checkpoint.keep,
+                                    best_metric=best_metric if cfg.checkpoint.keep_best else None,
+                                    best_mode="max" if best_metric == "eval/rewards/accuracies" else "min",
+                                    async_save=cfg.checkpoint.async_save)
+        self.metrics_log = MetricsLog(self.run)
+        self.best: tuple[int, float] | None = None
+        if resume:
+            self.restore_latest()
+
+    # --- set-up helpers ------------------------------------------------------------------------
+
+    def planned_steps(self) -> int:
+        if self.cfg.train.max_steps > 0:
+            return self.cfg.train.max_steps
+        return max(1, self.cfg.train.epochs * self.train_iter.steps_per_epoch)
+
+    def best_metric_name(self) -> str:
+        choice = self.cfg.checkpoint.best_metric
+        if choice == "eval_rewards_accuracy":
+            return "eval/rewards/accuracies"
+        return "eval/loss"
+
+    def precompute_reference(self, params) -> None:
+        """`dpo.reference: precomputed`: score every pair once with the starting weights and keep
+        the log-probs with the data, so no second model is held during training."""
+        from jaxalign.data.batching import dpo_batch
+
+        fn = jax.jit(lambda p, b: reference_logps(nnx.merge(self.graphdef, p), b, self.objective.chunk_size))
+        for examples in (self.train_examples, self.eval_examples):
+            bs = self.cfg.eval.batch_size
+            for start in range(0, len(examples), bs):
+                chunk = examples[start:start + bs]
+                length = max(max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+                                 for e in chunk), 2)
+                length = -(-length // self.cfg.data.pad_to_multiple_of) * self.cfg.data.pad_to_multiple_of
+                host = dpo_batch(chunk, length, self.tokenizer.pad_id or 0, num_pairs=bs)
+                logps = np.asarray(jax.device_get(fn(params, host)))
+                for j, ex in enumerate(chunk):
+                    ex["ref_chosen_logp"], ex["ref_rejected_logp"] = float(logps[j]), float(logps[bs + j])
+
+    def compiled_step(self, batch):
+        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if key not in self._compiled:
+            ref_shardings = None if self.ref_params is None else jax.tree.map(lambda x: x.sharding, self.ref_params)
+            shards = batch_shardings({k: v.shape for k, v in batch.items()}, self.mesh)
+            self._compiled[key] = jit_train_step(self.step_fn_raw, self.state_shardings, shards, ref_shardings)
+        return self._compiled[key]
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, step: int, eval_metrics: dict[str, float] | None = None) -> None:
+        """Checkpoint `step` asynchronously; with validation metrics, track the best in RUN/best.json."""
+        meta = {"data_iterator": self.train_iter.state(), "seed": self.cfg.train.seed, "total_steps": self.total_steps}
+        metrics = None if not eval_metrics else {k: v for k, v in eval_metrics.items() if k.startswith("eval/")}
+        self.ckpt.save(step, self.state.params, self.state.opt_state, meta, metrics)
+        name = self.ckpt.best_metric
+        if metrics and name in metrics and jax.process_index() == 0:
+            value = metrics[name]
+            better = self.best is None or (value < self.best[1] if self.ckpt.best_mode == "min" else value > self.best[1])
+            if better:
+                self.best = (step, value)
+                # Written before the async save completes: readers fall back to the latest complete step.
+                (self.run / model_io.BEST_FILE).write_text(json.dumps({"step": step, "metric": name, "value": value}))
+
+    def restore_latest(self) -> None:
+        step = self.ckpt.latest_step()
+        if step is None:
+            log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.run / "checkpoints")
+            return
+        with use_mesh(self.mesh, self.rules):
+            params, opt_state, meta = self.ckpt.restore(step, abstract_like(self.state.params),
+                                                        abstract_like(self.state.opt_state))
+        self.state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings.step),
+                                params=params, opt_state=opt_state)
+        self.train_iter.restore(meta["data_iterator"])
+        best_file = self.run / model_io.BEST_FILE
+        if best_file.is_file():
+            best = json.loads(best_file.read_text())
+            self.best = (best["step"], best["value"])
+        log.info("resumed from %s at step %d", self.run / "checkpoints" / str(step), step)
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, params=None) -> dict[str, float]:
+        """Metrics over the held-out set (or its first eval.batches batches), same definitions as training."""
+        if not self.eval_examples:
+            return {}
+        params = self.state.params if params is None else params
+        it = make_iterator(self.eval_examples, self.cfg, train=False, mesh=self.mesh, pad_id=self.pad_id)
+        records = []
+        with use_mesh(self.mesh, self.rules):
+            for i, host in enumerate(it):
+                if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
+                    break
+                batch = to_global_arrays(host, self.mesh)
+                records.append(jax.device_get(self.eval_fn(params, batch, self.ref_params)))
+        return {f"eval/{k}" if not k.startswith("num_") else f"eval/{k}": v
+                for k, v in mean_over(records, self.weight_key).items()}
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = int(self.state.step)
+        pending: list[dict] = []
+        last_eval: dict[str, float] = {}
+        nonfinite_steps = 0
+        t_last, tokens_since = time.perf_counter(), 0
+        bar = tqdm(total=self.total_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True,
+                   desc=f"{self.stage}")
+        with use_mesh(self.mesh, self.rules):
+            for step in range(start + 1, self.total_steps + 1):
+                host = next(self.train_iter)
+                batch = to_global_arrays(host, self.mesh)
+                self.state, metrics = self.compiled_step(batch)(self.state, batch, self.ref_params)
+                pending.append(metrics)
+                tokens_since += int(np.sum(host["segment_ids"] > 0))
+                if int(metrics["nonfinite"]):
+                    nonfinite_steps += 1
+                    if cfg.train.on_nonfinite == "stop":
+                        last = self.ckpt.latest_step()
+                        raise JaxalignError(
+                            f"non-finite loss or gradients at step {step} (epoch {self.train_iter.epoch}, batch "
+                            f"{self.train_iter.step - 1} of the epoch); the update was not applied; last good "
+                            f"checkpoint: {self.run / 'checkpoints' / str(last) if last is not None else 'none'}")
+                    log.warning("step %d: non-finite loss or gradients; update skipped", step)
+                bar.update(1)
+                is_last = step == self.total_steps
+                if step % cfg.train.log_every == 0 or is_last:
+                    record = self.log_train(step, pending, tokens_since, time.perf_counter() - t_last, nonfinite_steps)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    pending, t_last, tokens_since = [], time.perf_counter(), 0
+                evaluated = None
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
+                    evaluated = last_eval = self.evaluate()
+                    if evaluated:
+                        self.metrics_log.write({"step": step, **evaluated})
+                        log.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in evaluated.items()))
+                epoch_end = self.train_iter.step == 0 or self.train_iter.step >= self.train_iter.steps_per_epoch
+                if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or is_last or (
+                        cfg.checkpoint.save_at_epoch_end and epoch_end):
+                    self.save(step, evaluated)
+        bar.close()
+        self.ckpt.close()
+        summary = {"steps": self.total_steps, "nonfinite_steps": nonfinite_steps, **last_eval,
+                   "best_checkpoint": str(model_io.resolve_model_path(self.run))}
+        if jax.process_index() == 0:
+            (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def log_train(self, step: int, pending: list[dict], tokens: int, seconds: float, nonfinite: int) -> dict:
+        records = jax.device_get(pending)
+        record = {"step": step, **mean_over(records, self.weight_key), "epoch": self.train_iter.epoch,
+                  "tokens_per_sec": tokens / max(seconds, 1e-9), "nonfinite_steps": nonfinite}
+        record["grad_norm"] = float(np.mean([float(r["grad_norm"]) for r in records if math.isfinite(r["grad_norm"])]
+                                            or [math.nan]))
+        record["lr"] = float(records[-1]["lr"])
+        if self.stage == "dpo":
+            record["pairs_per_sec"] = sum(float(r["num_pairs"]) for r in records) / max(seconds, 1e-9)
+        self.metrics_log.write(record)
+        return record
+
+
+def train(cfg, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    return Trainer(cfg, resume=resume, overwrite=overwrite).train()
