@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The main job on the bundled tiny default: SFT on Anthropic HH-RLHF's chosen transcripts with
+# the Llama 2 tokenizer and a tiny model (the full SFT -> DPO -> report pipeline replaces it).
+demo: $(VENV)/.installed
+	$(VENV)/bin/jaxalign train --config configs/hh_tiny.yaml --overwrite --set train.max_steps=100
+
 test: $(VENV)/.installed
 	$(TEST_ENV) $(PY) -m pytest -q tests
 

@@ -193,7 +193,7 @@ class Trainer:
 
     def best_metric_name(self) -> str:
         choice = self.cfg.checkpoint.best_metric
-        if choice == "eval_rewards_accuracy":
+        if choice == "eval_rewards_accuracy" or (choice == "auto" and self.stage == "dpo"):
             return "eval/rewards/accuracies"
         return "eval/loss"
 
