@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_train, _add_data, _add_score):
         add(sub)
+    from jaxalign.generate import add_cli as add_generate
+
+    add_generate(sub, _COMMANDS)
     return parser
 
 

@@ -31,7 +31,7 @@ from jaxalign.errors import JaxalignError
 
 __all__ = [
     "SCHEMA", "Field", "default_config", "load_config", "apply_overrides", "validate",
-    "save_config", "config_to_dict", "schema_help",
+    "save_config", "config_to_dict", "schema_help", "stage_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -343,3 +343,27 @@ def _validate_tree(tree: dict, sources: dict) -> dict:
     tree = _check_types(tree, sources)
     _raise([msg + _where(sources.get(key, "")) for key, msg in cross_field_errors(tree)])
     return tree
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and f"{prefix}{key}" not in ("model.config", "mesh.rules"):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def stage_config(cfg: ConfigDict, stage: str, extra: Iterable[str] = ()) -> ConfigDict:
+    """The config of one stage of a pipeline: `stage` set, `{stage}.overrides` applied, then `extra`.
+
+    Overrides are nested mappings, e.g. {train: {max_steps: 50}, data: {train: pairs.jsonl}}; an unknown key is an error naming `{stage}.overrides.<key>` and the closest valid key.
+    """
+    overrides = _flatten(config_to_dict(cfg)[stage]["overrides"])
+    sets = [f"stage={stage}"] + [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix(chr(10) + '...')}"
+                                 for k, v in overrides]
+    try:
+        return validate(apply_overrides(cfg, [*sets, *extra]))
+    except JaxalignError as e:
+        raise JaxalignError(f"{stage}.overrides: {e}") from None

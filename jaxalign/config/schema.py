@@ -3,8 +3,8 @@
 This table is the one source of truth: `default_config()` builds the ConfigDict from it and
 `validate()` checks types and choices against it. A section is a nested dict; a key is a
 `Field`. Its type is inferred from the default unless given (`STR_OR_LIST` for data files).
-Two keys hold free-form mappings whose inner keys are not checked: `model.config` and
-`mesh.rules`.
+Four keys hold free-form mappings whose inner keys are not checked here: `model.config`,
+`mesh.rules`, and `sft.overrides` / `dpo.overrides` (checked as config keys by `stage_config`).
 """
 
 from __future__ import annotations
@@ -131,8 +131,13 @@ SCHEMA: dict[str, Any] = {
         "batch_size": F(8, "global eval batch"),
         "min_sft_skill": F(0.0, "fail the pipeline if the SFT model's held-out skill is below this"),
         "max_new_tokens": F(64, "tokens generated per prompt in generative eval"),
-        "num_generations": F(64, "prompts sampled for generative eval"),
-        "judge": F("", "judge for generative eval (reward model path or name); '' = none"),
+        "num_generations": F(64, "held-out prompts generated for in generative eval; 0 = all"),
+        "task": F("", "registered task whose programs check skill and judge pairs (e.g. 'demo'); '' = none"),
+        "judge": F("", "judge model path for win-rates when no task is set: prefers the completion with the "
+                       "higher mean token log-prob under it; '' = the task's judge"),
+        "prompts": F("", "held-out prompts (JSONL: prompt + the task's fields) for generative eval"),
+        "sft_data": F("", "held-out SFT data for NLL / perplexity; '' = the SFT stage's data.eval"),
+        "preference_data": F("", "held-out pairs for implicit-reward accuracy; '' = the DPO stage's data.eval"),
     },
     "generate": {
         "max_new_tokens": F(128, "max tokens generated per prompt"),
@@ -144,6 +149,7 @@ SCHEMA: dict[str, Any] = {
     "sft": {
         "loss_on": F("completion", "which tokens are trained on", ("completion", "all")),
         "z_loss": F(0.0, "weight of the log(Z)^2 auxiliary loss; 0 = off"),
+        "overrides": F({}, "config keys set for the SFT stage of `jaxalign pipeline`, e.g. {data: {train: ...}}"),
     },
     "dpo": {
         "beta": F(0.1, "DPO temperature: strength of the KL penalty to the reference"),
@@ -153,6 +159,7 @@ SCHEMA: dict[str, Any] = {
         "reference": F("model", "frozen reference: a second model, or log-probs precomputed once",
                        ("model", "precomputed")),
         "init_from": F("", "SFT run dir or checkpoint to start from (and use as reference)"),
+        "overrides": F({}, "config keys set for the DPO stage of `jaxalign pipeline`, e.g. {train: {max_steps: 50}}"),
     },
 }
 

@@ -37,7 +37,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import datasets
 
@@ -158,12 +158,7 @@ def tokenize_sft_example(example: SFTExample, tok: Tokenizer, settings: Tokenize
 
 def tokenize_preference_example(pref: Preference, tok: Tokenizer, settings: TokenizeSettings) -> tuple[dict, dict]:
     """({"prompt_ids", "chosen_ids", "rejected_ids"}, flags); raises BadRow or Dropped."""
-    if pref.conversational:
-        prompt_text = _render(tok, pref.prompt, add_generation_prompt=True)
-        prompt = tok.encode(prompt_text)  # the template writes BOS itself
-    else:
-        prompt_text = pref.prompt
-        prompt = tok.encode(prompt_text, add_special_tokens=True)
+    prompt_text, prompt = _prompt_text_and_ids(tok, pref.prompt)
     completions, mismatches = [], 0
     for side in (pref.chosen, pref.rejected):
         if pref.conversational:
@@ -196,6 +191,22 @@ def tokenize_preference_example(pref: Preference, tok: Tokenizer, settings: Toke
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def encode_prompt(tok: Tokenizer, prompt: str | list[dict[str, Any]]) -> list[int]:
+    """Prompt ids exactly as training tokenizes prompts (`tokenize_preference_example`): a message
+    list is rendered with the chat template and its generation prompt (the template writes BOS
+    itself); a plain string is encoded with special tokens (BOS). Used by `jaxalign.generate`."""
+    return _prompt_text_and_ids(tok, prompt)[1]
+
+
+def _prompt_text_and_ids(tok: Tokenizer, prompt: str | Sequence[dict[str, Any]]) -> tuple[str, list[int]]:
+    """A message list renders with the chat template and its generation prompt (the template writes
+    BOS itself); a plain string is encoded with special tokens (BOS)."""
+    if isinstance(prompt, str):
+        return prompt, tok.encode(prompt, add_special_tokens=True)
+    text = _render(tok, prompt, add_generation_prompt=True)
+    return text, tok.encode(text)
 
 
 def _render(tok: Tokenizer, messages, add_generation_prompt: bool = False) -> str:

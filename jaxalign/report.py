@@ -1,0 +1,206 @@
+"""The stage-comparison report: per-model metrics in, report.md / report.json / PNG plots out.
+
+Each metric is credited to the stage that moved it (base -> SFT, or SFT -> DPO), and a warning is
+raised when the preference stage adds no measurable win-rate over SFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# name -> (higher is better, what it measures). Only metrics named here are credited.
+METRICS: dict[str, tuple[bool, str]] = {
+    "skill_accuracy": (True, "held-out task accuracy of greedy generations (checked by the task's program)"),
+    "nll": (False, "held-out token-mean NLL of the reference responses"),
+    "perplexity": (False, "exp(nll)"),
+    "style_rate": (True, "fraction of generations in the preferred style (checked by the task's program)"),
+    "reward_accuracy": (True, "held-out pairs with implicit reward chosen > rejected (relative to SFT)"),
+    "reward_margin": (True, "mean implicit reward margin chosen - rejected on held-out pairs (relative to SFT)"),
+    "win_rate_vs_sft": (True, "judged wins over the SFT model's generations (ties count half)"),
+}
+STAGE_TRANSITIONS = (("base", "sft"), ("sft", "dpo"))
+
+
+@dataclasses.dataclass
+class Credit:
+    metric: str
+    stage: str | None  # the stage that moved the metric most in its good direction; None = neither
+    deltas: dict[str, float]  # "base->sft": change, "sft->dpo": change
+
+    def line(self) -> str:
+        moves = ", ".join(f"{k} {v:+.4g}" for k, v in self.deltas.items())
+        who = f"credited to {self.stage.upper()}" if self.stage else "no stage improved it"
+        return f"{self.metric}: {who} ({moves})"
+
+
+def credit(metric: str, by_model: Mapping[str, Mapping[str, float]], min_delta: float = 1e-3) -> Credit:
+    """Which stage moved `metric` most in its good direction (changes below `min_delta` don't count)."""
+    higher_is_better = METRICS[metric][0]
+    deltas: dict[str, float] = {}
+    for before, after in STAGE_TRANSITIONS:
+        a, b = by_model.get(before, {}).get(metric), by_model.get(after, {}).get(metric)
+        if _number(a) and _number(b):
+            deltas[f"{before}->{after}"] = b - a
+    gains = {k: (v if higher_is_better else -v) for k, v in deltas.items()}
+    best = max(gains, key=gains.get, default=None)
+    stage = best.split("->")[1] if best is not None and gains[best] > min_delta else None
+    return Credit(metric, stage, deltas)
+
+
+def win_rate_warning(win_rate: float | None, n: int, wins: int = 0, losses: int = 0) -> str | None:
+    """A warning when DPO's win-rate over SFT is not measurably above a coin flip.
+
+    "Measurably" = the lower end of a 95% Wilson interval on wins / (wins + losses) is above 0.5;
+    ties say nothing about which model is preferred.
+    """
+    if win_rate is None or n == 0:
+        return "no win-rate of DPO over SFT could be measured; look into the preference data and the judge"
+    decided = wins + losses
+    if decided == 0:
+        return ("DPO's generations tie SFT's on every prompt: stage two adds no measurable win-rate; look into "
+                "the preference data")
+    p, z = wins / decided, 1.96
+    low = (p + z * z / (2 * decided) - z * math.sqrt(p * (1 - p) / decided + z * z / (4 * decided ** 2))) / (
+        1 + z * z / decided)
+    if low <= 0.5:
+        return (f"stage two adds no measurable win-rate over SFT (win-rate {win_rate:.1%}, {wins} wins / "
+                f"{losses} losses of {n}, 95% lower bound {low:.1%} on decided pairs); look into the "
+                "preference data")
+    return None
+
+
+def build_report(by_model: Mapping[str, Mapping[str, Any]], extras: Mapping[str, Any] | None = None) -> dict:
+    """report.json's content: metrics by model, credits, warnings."""
+    extras = dict(extras or {})
+    credits = [credit(m, by_model) for m in METRICS if any(_number(v.get(m)) for v in by_model.values())]
+    warnings = list(extras.pop("warnings", []))
+    dpo = by_model.get("dpo", {})
+    if "dpo" in by_model:
+        warning = win_rate_warning(dpo.get("win_rate_vs_sft"), int(dpo.get("judged", 0)), int(dpo.get("wins", 0)),
+                                   int(dpo.get("losses", 0)))
+        if warning:
+            warnings.append(warning)
+    return {"models": {k: dict(v) for k, v in by_model.items()},
+            "credits": [dataclasses.asdict(c) | {"line": c.line()} for c in credits],
+            "warnings": warnings, **extras}
+
+
+def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    models = list(report["models"])
+    shown = [m for m in METRICS if any(_number(report["models"][k].get(m)) for k in models)]
+    lines = ["# Stage comparison", ""]
+    if report.get("title"):
+        lines += [str(report["title"]), ""]
+    lines += ["| metric | " + " | ".join(models) + " | credited to |", "|---|" + "---|" * (len(models) + 1)]
+    by_metric = {c["metric"]: c for c in report["credits"]}
+    for m in shown:
+        cells = [_fmt(m, report["models"][k].get(m)) for k in models]
+        stage = by_metric.get(m, {}).get("stage")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {stage.upper() if stage else '—'} |")
+    lines += ["", "## Credits", ""] + [f"- {c['line']}" for c in report["credits"]]
+    lines += ["", "## Warnings", ""] + ([f"- {w}" for w in report["warnings"]] or ["- none"])
+    lines += ["", "## Metrics", ""] + [f"- `{m}`: {METRICS[m][1]} ({'higher' if METRICS[m][0] else 'lower'} is "
+                                       "better)" for m in shown]
+    for key in ("data", "models_paths"):
+        if report.get(key):
+            lines += ["", f"## {key.replace('_', ' ').capitalize()}", "", "```", json.dumps(report[key], indent=2),
+                      "```"]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{pathlib.Path(p).stem}]({pathlib.Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | pathlib.Path, report: Mapping[str, Any],
+                 curves: Mapping[str, pathlib.Path] | None = None) -> list[pathlib.Path]:
+    """report.json, report.md and the PNG plots in `out_dir`; returns the files written."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_metric_bars(report, out / "stage_metrics.png")
+    if curves:
+        plots += plot_training_curves(curves, out / "training_curves.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    (out / "report.md").write_text(render_markdown(report, [str(p) for p in plots]))
+    return [out / "report.json", out / "report.md", *plots]
+
+
+def plot_metric_bars(report: Mapping[str, Any], path: pathlib.Path) -> list[pathlib.Path]:
+    plt = _pyplot()
+    models = list(report["models"])
+    shown = [m for m in METRICS if any(_number(report["models"][k].get(m)) for k in models)]
+    if plt is None or not shown:
+        return []
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], shown):
+        values = [report["models"][k].get(metric) for k in models]
+        # NaN draws no bar: a metric a model was not measured on must not read as 0.
+        ax.bar(models, [v if _number(v) else math.nan for v in values], color=["#999999", "#4c72b0", "#dd8452"][:len(models)])
+        ax.set_title(metric, fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def plot_training_curves(curves: Mapping[str, pathlib.Path], path: pathlib.Path) -> list[pathlib.Path]:
+    """Training and eval loss of each stage's run, from its metrics.jsonl."""
+    plt = _pyplot()
+    runs = {name: _read_metrics(p) for name, p in curves.items() if pathlib.Path(p).is_file()}
+    if plt is None or not runs:
+        return []
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.2), squeeze=False)
+    for ax, (name, records) in zip(axes[0], runs.items()):
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+        if train:
+            ax.plot(*zip(*train), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
+        if name == "dpo":
+            acc = [(r["step"], r["eval/rewards/accuracies"]) for r in records if "eval/rewards/accuracies" in r]
+            if acc:
+                ax.plot(*zip(*acc), "s--", label="eval reward accuracy")
+        ax.set_title(f"{name.upper()} run", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def _read_metrics(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional (the `plots` extra)
+        return None
+    return plt
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+RATES = ("skill_accuracy", "style_rate", "reward_accuracy", "win_rate_vs_sft")
+
+
+def _fmt(metric: str, x: Any) -> str:
+    if not _number(x):
+        return "—"
+    return f"{x:.1%}" if metric in RATES else f"{x:.4g}"
+
+
+def _jsonable(x: Any) -> Any:
+    return str(x)
