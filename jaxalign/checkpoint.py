@@ -42,7 +42,9 @@ class RunCheckpointer:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             # best_fn also makes Orbax persist each step's metrics (read back by best_step()).
             best_fn=(lambda m: _best_metric(m, best_metric)) if best_metric else None,
-            best_mode=best_mode, enable_async_checkpointing=async_save, create=True)
+            best_mode=best_mode, enable_async_checkpointing=async_save, create=True,
+            # A killed run leaves a half-written step in a temporary dir: remove it on the next start.
+            cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
 
@@ -73,16 +75,19 @@ class RunCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def best_step(self) -> int | None:
-        """The step with the best validation metric among those kept (None without evaluations)."""
+    def metric(self, step: int) -> float | None:
+        """The best-metric value recorded with checkpoint `step` (None when it has none)."""
         if not self.best_metric:
             return None
-        scored = []
-        for step in self.all_steps():
-            value = (self.manager.metrics(step) or {}).get(self.best_metric)
-            if value is not None and math.isfinite(value):
-                scored.append((value if self.best_mode == "min" else -value, step))
-        return min(scored)[1] if scored else None
+        value = (self.manager.metrics(step) or {}).get(self.best_metric)
+        return None if value is None or not math.isfinite(value) else float(value)
+
+    def best_step(self) -> int | None:
+        """The step with the best validation metric among those kept (None without evaluations).
+        A tie goes to the later step, as the BestN retention policy breaks it."""
+        scored = [(value if self.best_mode == "min" else -value, -step)
+                  for step in self.all_steps() if (value := self.metric(step)) is not None]
+        return -min(scored)[1] if scored else None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

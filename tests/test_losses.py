@@ -95,3 +95,12 @@ def test_sft_loss_is_a_token_level_mean_over_the_whole_batch():
     assert float(m["mean_token_accuracy"]) == pytest.approx(1 / 6)
     loss_z, _ = sft_loss(logp, lse, correct, mask, jnp.asarray(6), z_loss=1e-2)
     assert float(loss_z) == pytest.approx((2 + 3 + 4) / 6 + 1e-2 * 3 * 4 / 6)
+
+
+def test_padding_pairs_contribute_nothing():
+    # Pair 1 is padding (an eval batch's tail): excluded from the loss and every metric.
+    loss, m = dpo_loss(jnp.asarray(POLICY), jnp.asarray(REF), jnp.asarray(LENGTHS), jnp.asarray(1), beta=BETA,
+                       valid=jnp.asarray([True, False]))
+    assert float(loss) == pytest.approx(-log_sigmoid(BETA * D[0]), rel=1e-6)
+    assert float(m["rewards/chosen"]) == pytest.approx(BETA * DC[0], abs=1e-6)
+    assert float(m["rewards/accuracies"]) == 1.0

@@ -6,6 +6,7 @@ checkpoint is a model path), checkpoints/{step}/, best.json, eval/. Process 0 wr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -54,13 +55,63 @@ def initial_model_path(cfg) -> str:
     return cfg.model.path
 
 
-def prepare_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
-    """Refuse to mix two runs in one dir: an existing run needs --resume or --overwrite."""
+def initial_model_key(cfg) -> str:
+    """The config key that names the starting model (for error messages)."""
+    return "dpo.init_from" if cfg.stage == "dpo" and cfg.dpo.init_from else "model.path"
+
+
+def check_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
+    """Refuse to mix two runs in one dir: an existing run needs --resume or --overwrite. Writes nothing."""
     run = pathlib.Path(cfg.output_dir)
-    if (run / "config.yaml").exists() and not resume:
-        if not overwrite:
-            raise JaxalignError(f"output dir {run} already holds a run; pass --resume to continue it or "
-                                "--overwrite to replace it (or choose another train.output_dir)")
+    if resume and overwrite:
+        raise JaxalignError("--resume and --overwrite exclude each other: continue the run in "
+                            f"{run} or replace it, not both")
+    if (run / "config.yaml").exists() and not resume and not overwrite:
+        raise JaxalignError(f"output dir {run} already holds a run; pass --resume to continue it or "
+                            "--overwrite to replace it (or choose another output_dir)")
+    if run.exists() and not run.is_dir():
+        raise JaxalignError(f"output_dir {run} is a file; choose a directory")
+    return run
+
+
+def check_model_source(cfg):
+    """Resolve the starting model's architecture and the run's tokenizer, and check they fit, before
+    anything is written or loaded: (ModelConfig, tokenizer)."""
+    path = initial_model_path(cfg)
+    if path:
+        key = initial_model_key(cfg)
+        try:
+            model_cfg = model_io.load_model_config(path)
+        except JaxalignError as e:
+            raise JaxalignError(f"{key}={path!r}: {e}") from None
+        if cfg.model.config:
+            wanted = ModelConfig.from_hf_dict(dict(cfg.model.config), source="model.config")
+            diff = [f"{f.name}: model.config has {getattr(wanted, f.name)!r}, {key} has "
+                    f"{getattr(model_cfg, f.name)!r}" for f in dataclasses.fields(ModelConfig)
+                    if getattr(wanted, f.name) != getattr(model_cfg, f.name)]
+            if diff:
+                raise JaxalignError(f"{key}={path!r} is another architecture than model.config ("
+                                    + "; ".join(diff) + "); make them agree, or remove model.config "
+                                    f"to take the architecture of {key}")
+    else:
+        if not cfg.model.config:
+            raise JaxalignError("set model.path (an HF dir or jaxalign checkpoint) or model.config (an inline "
+                                "HF-style architecture to initialise randomly)")
+        model_cfg = ModelConfig.from_hf_dict(dict(cfg.model.config), source="model.config")
+    tokenizer = run_tokenizer(cfg)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        where = f"{initial_model_key(cfg)}={path!r}" if path else "model.config"
+        tok = cfg.tokenizer.path or "the model's own tokenizer"
+        raise JaxalignError(f"the tokenizer ({tok}) has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                            f"({where}) is {model_cfg.vocab_size}: token ids past {model_cfg.vocab_size - 1} "
+                            "would have no embedding; use the tokenizer the model was trained with")
+    return model_cfg, tokenizer
+
+
+def prepare_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
+    """Create (or, with --overwrite, replace) the run dir and write the resolved config."""
+    run = check_run_dir(cfg, resume, overwrite)
+    if (run / "config.yaml").exists() and overwrite:
         if jax.process_index() == 0:
             shutil.rmtree(run)
     if jax.process_index() == 0:
@@ -69,23 +120,17 @@ def prepare_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
     return run
 
 
-def load_model_and_tokenizer(cfg, mesh, rules):
+def load_model_and_tokenizer(cfg, mesh, rules, checked=None):
+    """(model, tokenizer, source dtype); `checked` is check_model_source's result when already done."""
+    model_cfg, tokenizer = checked or check_model_source(cfg)
     path = initial_model_path(cfg)
     options = model_options(cfg)
     if path:
         model = model_io.load_model(path, mesh, rules, **options)
-        model_cfg, dtype = model.cfg, model_io.source_dtype(path)
+        dtype = model_io.source_dtype(path)
     else:
-        if not cfg.model.config:
-            raise JaxalignError("set model.path (an HF dir or jaxalign checkpoint) or model.config (an inline "
-                                "HF-style architecture to initialise randomly)")
-        model_cfg = ModelConfig.from_hf_dict(dict(cfg.model.config), source="model.config")
         model = init_model(model_cfg, mesh, rules, seed=cfg.train.seed, **options)
         dtype = cfg.model.param_dtype
-    tokenizer = run_tokenizer(cfg)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise JaxalignError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                            f"{model_cfg.vocab_size}")
     return model, tokenizer, dtype
 
 
@@ -142,13 +187,16 @@ class Trainer:
         from jaxalign.data.pipeline import load_examples
 
         self.cfg = cfg
+        # Every check that needs no weights runs before the run dir is written or anything compiles.
+        check_run_dir(cfg, resume, overwrite)
+        checked = check_model_source(cfg)
         self.run = prepare_run_dir(cfg, resume, overwrite)
         self.rules = merged_rules(dict(cfg.mesh.rules))
         self.mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
         self.stage = cfg.stage
         self.weight_key = "num_tokens" if self.stage == "sft" else "num_pairs"
         with use_mesh(self.mesh, self.rules):
-            model, self.tokenizer, source_dtype = load_model_and_tokenizer(cfg, self.mesh, self.rules)
+            model, self.tokenizer, source_dtype = load_model_and_tokenizer(cfg, self.mesh, self.rules, checked)
             model_io.write_model_description(self.run / model_io.RUN_MODEL_DIR, model.cfg, self.tokenizer,
                                              source_dtype, cfg.model.param_dtype)
             self.graphdef, params = nnx.split(model)
@@ -181,6 +229,7 @@ class Trainer:
                                     async_save=cfg.checkpoint.async_save)
         self.metrics_log = MetricsLog(self.run)
         self.best: tuple[int, float] | None = None
+        self.last_saved: int | None = None
         if resume:
             self.restore_latest()
 
@@ -230,14 +279,29 @@ class Trainer:
         meta = {"data_iterator": self.train_iter.state(), "seed": self.cfg.train.seed, "total_steps": self.total_steps}
         metrics = None if not eval_metrics else {k: v for k, v in eval_metrics.items() if k.startswith("eval/")}
         self.ckpt.save(step, self.state.params, self.state.opt_state, meta, metrics)
+        self.last_saved = step
         name = self.ckpt.best_metric
-        if metrics and name in metrics and jax.process_index() == 0:
+        if metrics and name in metrics:
             value = metrics[name]
-            better = self.best is None or (value < self.best[1] if self.ckpt.best_mode == "min" else value > self.best[1])
+            # A tie goes to the later step, as Orbax's BestN retention decides it: best.json must name
+            # the checkpoint retention keeps.
+            better = self.best is None or (value <= self.best[1] if self.ckpt.best_mode == "min"
+                                           else value >= self.best[1])
             if better:
                 self.best = (step, value)
-                # Written before the async save completes: readers fall back to the latest complete step.
-                (self.run / model_io.BEST_FILE).write_text(json.dumps({"step": step, "metric": name, "value": value}))
+                self.write_best()
+
+    def write_best(self) -> None:
+        """RUN/best.json from self.best. Written before the async save completes: readers fall back to
+        the latest complete step until it does."""
+        if jax.process_index() != 0:
+            return
+        path = self.run / model_io.BEST_FILE
+        if self.best is None:
+            path.unlink(missing_ok=True)
+            return
+        step, value = self.best
+        path.write_text(json.dumps({"step": step, "metric": self.ckpt.best_metric, "value": value}))
 
     def restore_latest(self) -> None:
         step = self.ckpt.latest_step()
@@ -250,11 +314,31 @@ class Trainer:
         self.state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings.step),
                                 params=params, opt_state=opt_state)
         self.train_iter.restore(meta["data_iterator"])
-        best_file = self.run / model_io.BEST_FILE
-        if best_file.is_file():
-            best = json.loads(best_file.read_text())
-            self.best = (best["step"], best["value"])
+        self.last_saved = step
+        # The best among the checkpoints kept (best.json may name a step whose save never completed).
+        best_step = self.ckpt.best_step()
+        self.best = None if best_step is None else (best_step, self.ckpt.metric(best_step))
+        self.write_best()
+        self.truncate_metrics(step)
         log.info("resumed from %s at step %d", self.run / "checkpoints" / str(step), step)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metrics.jsonl records of steps after `step`: the resumed run logs them again, so the
+        log keeps one record per step (and kind), as an uninterrupted run's."""
+        path = self.metrics_log.path
+        if jax.process_index() != 0 or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                record_step = json.loads(line).get("step", 0)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if record_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
     # --- evaluation ----------------------------------------------------------------------------
 
@@ -276,9 +360,12 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, Any]:
+    def train(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Run to train.max_steps (or the planned epochs). `stop_after`: return after that step as a
+        preempted run would, with a checkpoint of it written; `--resume` then continues exactly."""
         cfg = self.cfg
         start = int(self.state.step)
+        end = self.total_steps if stop_after is None else max(start, min(stop_after, self.total_steps))
         pending: list[dict] = []
         last_eval: dict[str, float] = {}
         nonfinite_steps = 0
@@ -286,7 +373,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True,
                    desc=f"{self.stage}")
         with use_mesh(self.mesh, self.rules):
-            for step in range(start + 1, self.total_steps + 1):
+            for step in range(start + 1, end + 1):
                 host = next(self.train_iter)
                 batch = to_global_arrays(host, self.mesh)
                 self.state, metrics = self.compiled_step(batch)(self.state, batch, self.ref_params)
@@ -317,10 +404,17 @@ class Trainer:
                 if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or is_last or (
                         cfg.checkpoint.save_at_epoch_end and epoch_end):
                     self.save(step, evaluated)
+            if end < self.total_steps and end > start:
+                if pending:
+                    self.log_train(end, pending, tokens_since, time.perf_counter() - t_last, nonfinite_steps)
+                if self.last_saved != end:
+                    self.save(end)
         bar.close()
         self.ckpt.close()
-        summary = {"steps": self.total_steps, "nonfinite_steps": nonfinite_steps, **last_eval,
+        summary = {"steps": end, "nonfinite_steps": nonfinite_steps, **last_eval,
                    "best_checkpoint": str(model_io.resolve_model_path(self.run))}
+        if end < self.total_steps:
+            summary["stopped_at"] = end
         if jax.process_index() == 0:
             (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

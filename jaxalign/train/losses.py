@@ -50,13 +50,15 @@ def dpo_pair_losses(chosen_logratios: jax.Array, rejected_logratios: jax.Array, 
 def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, num_tokens: jax.Array, num_pairs: jax.Array, *,
              beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              sft_weight: float = 0.0, chosen_nll_sum: jax.Array | None = None,
-             chosen_tokens_total: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+             chosen_tokens_total: jax.Array | None = None,
+             valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DPO loss and TRL's metrics for a micro-batch of pairs.
 
     policy_logps, ref_logps, num_tokens: [2B] summed completion log-probs and completion lengths,
     chosen rows first, then rejected (row i and row B + i form a pair). `num_pairs` counts the
     pairs of the whole batch, so the returned values are this micro-batch's share of batch means.
     `sft_weight` > 0 adds the RPO term: sft_weight * token-mean NLL of the chosen completions.
+    `valid` [B] marks real pairs; padding pairs (an eval batch's tail) contribute nothing.
     """
     b = policy_logps.shape[0] // 2
     chosen_ratio = policy_logps[:b] - ref_logps[:b]
@@ -67,16 +69,17 @@ def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, num_tokens: jax.Arra
     else:
         losses = dpo_pair_losses(chosen_ratio, rejected_ratio, beta, loss_type, label_smoothing)
     n = jnp.maximum(num_pairs, 1).astype(jnp.float32)
-    loss = jnp.sum(losses) / n
+    w = jnp.ones((b,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+    loss = jnp.sum(losses * w) / n
     # Rewards always come from summed log-probs, whatever the loss.
     chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
     metrics = {
-        "rewards/chosen": jnp.sum(chosen_rewards) / n,
-        "rewards/rejected": jnp.sum(rejected_rewards) / n,
-        "rewards/accuracies": jnp.sum((chosen_rewards > rejected_rewards).astype(jnp.float32)) / n,
-        "rewards/margins": jnp.sum(chosen_rewards - rejected_rewards) / n,
-        "logps/chosen": jnp.sum(policy_logps[:b]) / n,
-        "logps/rejected": jnp.sum(policy_logps[b:]) / n,
+        "rewards/chosen": jnp.sum(chosen_rewards * w) / n,
+        "rewards/rejected": jnp.sum(rejected_rewards * w) / n,
+        "rewards/accuracies": jnp.sum((chosen_rewards > rejected_rewards).astype(jnp.float32) * w) / n,
+        "rewards/margins": jnp.sum((chosen_rewards - rejected_rewards) * w) / n,
+        "logps/chosen": jnp.sum(policy_logps[:b] * w) / n,
+        "logps/rejected": jnp.sum(policy_logps[b:] * w) / n,
     }
     if sft_weight:
         nll = chosen_nll_sum / jnp.maximum(chosen_tokens_total, 1).astype(jnp.float32)

@@ -47,7 +47,9 @@ class Objective:
         if self.stage == "sft":
             return {"tokens": jnp.sum(mask)}
         pairs = batch["tokens"].shape[0] // 2
-        return {"pairs": jnp.asarray(pairs, jnp.int32), "chosen_tokens": jnp.sum(mask[:pairs])}
+        # Padding pairs (an eval batch's tail) have no completion tokens and do not count.
+        real = jnp.sum((jnp.sum(mask[:pairs], axis=-1) > 0).astype(jnp.int32))
+        return {"pairs": real, "chosen_tokens": jnp.sum(mask[:pairs])}
 
     def __call__(self, model, batch: Batch, norms: dict[str, jax.Array],
                  ref_model=None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -63,7 +65,7 @@ class Objective:
         return dpo_loss(policy_logps, jax.lax.stop_gradient(ref_logps), num_tokens, norms["pairs"],
                         beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
                         sft_weight=self.sft_weight, chosen_nll_sum=-jnp.sum(policy_logps[:pairs]),
-                        chosen_tokens_total=norms["chosen_tokens"])
+                        chosen_tokens_total=norms["chosen_tokens"], valid=num_tokens[:pairs] > 0)
 
 
 def reference_logps(ref_model, batch: Batch, chunk_size: int = 0) -> jax.Array:
