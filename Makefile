@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # 8 virtual CPU devices so every sharding path runs on a laptop or CI box.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo clean-demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,18 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The main job on the bundled tiny default: SFT on Anthropic HH-RLHF's chosen transcripts with
-# the Llama 2 tokenizer and a tiny model (the full SFT -> DPO -> report pipeline replaces it).
+# The main job on the bundled tiny default: write the demo task's data, train its tokenizer, then
+# SFT -> gate -> DPO -> eval base/SFT/DPO -> report -> HF export (configs/demo.yaml). Re-running
+# skips finished stages; `make clean-demo` starts over.
+DEMO := runs/demo
 demo: $(VENV)/.installed
-	$(VENV)/bin/jaxalign train --config configs/hh_tiny.yaml --overwrite --set train.max_steps=100
+	$(PY) tools/make_demo_data.py --out $(DEMO)/data --n-sft 8000 --n-pref 3000 --n-eval 256
+	$(PY) tools/train_tokenizer.py --input $(DEMO)/data/sft.jsonl --input $(DEMO)/data/preference.jsonl \
+		--vocab-size 400 --out $(DEMO)/tokenizer
+	$(VENV)/bin/jaxalign pipeline --config configs/demo.yaml
+
+clean-demo:
+	rm -rf $(DEMO)
 
 test: $(VENV)/.installed
 	$(TEST_ENV) $(PY) -m pytest -q tests

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pathlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -98,15 +99,63 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     _COMMANDS["data"] = _data
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from jaxalign.config import load_config
+    from jaxalign.evaluate import parse_models, run_eval
+
+    cfg = load_config(args.config, args.set)
+    out = args.out or f"{cfg.output_dir}/report"
+    report = run_eval(cfg, parse_models(args.models), out)
+    print(f"report: {out}/report.md")
+    for line in [c["line"] for c in report["credits"]] + [f"warning: {w}" for w in report["warnings"]]:
+        print(line)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate several models on the same held-out data and compare the stages",
+                       description="Run every model on the same held-out sets (NLL of reference responses, "
+                                   "implicit-reward accuracy relative to the `sft` model, generations checked by "
+                                   "eval.task and judged against the `sft` model's) and write report.md, "
+                                   "report.json and PNG plots.")
+    _add_config_args(p)
+    p.add_argument("--models", required=True, help="NAME=PATH,... e.g. base=P0,sft=P1,dpo=P2 (sft is the reference)")
+    p.add_argument("--out", default="", help="report dir (default: OUTPUT_DIR/report)")
+    _COMMANDS["eval"] = _eval
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from jaxalign.config import load_config
+    from jaxalign.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.set)
+    report = run_pipeline(cfg)
+    print(pathlib.Path(cfg.output_dir, "report", "report.md").read_text())
+    return 0
+
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="SFT -> gate -> DPO -> eval base/SFT/DPO -> report -> HF export",
+                       description="The whole job: SFT, evaluate it, stop if it misses eval.min_sft_skill, DPO from "
+                                   "the best SFT checkpoint, evaluate base/SFT/DPO on the same held-out data, "
+                                   "write the report and export the DPO model to Hugging Face format. Per-stage "
+                                   "settings come from sft.overrides / dpo.overrides; finished stages are skipped "
+                                   "on a re-run.")
+    _add_config_args(p)
+    _COMMANDS["pipeline"] = _pipeline
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxalign", description="SFT then DPO for open-weight LLMs in JAX/Flax.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_data, _add_score):
+    for add in (_add_train, _add_eval, _add_pipeline, _add_data, _add_score):
         add(sub)
     from jaxalign.generate import add_cli as add_generate
+    from jaxalign.pairs import add_cli as add_pairs
 
     add_generate(sub, _COMMANDS)
+    add_pairs(sub, _COMMANDS)
     return parser
 
 

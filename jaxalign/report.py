@@ -41,6 +41,11 @@ class Credit:
 def credit(metric: str, by_model: Mapping[str, Mapping[str, float]], min_delta: float = 1e-3) -> Credit:
     """Which stage moved `metric` most in its good direction (changes below `min_delta` don't count)."""
     higher_is_better = METRICS[metric][0]
+    if metric == "win_rate_vs_sft":  # measured against SFT by definition: DPO's gain over a coin flip
+        value = by_model.get("dpo", {}).get(metric)
+        if not _number(value):
+            return Credit(metric, None, {})
+        return Credit(metric, "dpo" if value - 0.5 > min_delta else None, {"dpo vs sft - 0.5": value - 0.5})
     deltas: dict[str, float] = {}
     for before, after in STAGE_TRANSITIONS:
         a, b = by_model.get(before, {}).get(metric), by_model.get(after, {}).get(metric)
@@ -106,10 +111,9 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
     lines += ["", "## Warnings", ""] + ([f"- {w}" for w in report["warnings"]] or ["- none"])
     lines += ["", "## Metrics", ""] + [f"- `{m}`: {METRICS[m][1]} ({'higher' if METRICS[m][0] else 'lower'} is "
                                        "better)" for m in shown]
-    for key in ("data", "models_paths"):
+    for key, title in (("data", "Held-out data"), ("models_paths", "Models")):
         if report.get(key):
-            lines += ["", f"## {key.replace('_', ' ').capitalize()}", "", "```", json.dumps(report[key], indent=2),
-                      "```"]
+            lines += ["", f"## {title}", "", "```", json.dumps(report[key], indent=2), "```"]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{pathlib.Path(p).stem}]({pathlib.Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,231 @@
+"""`jaxalign eval`: every model on the same held-out data, so each gain is credited to its stage.
+
+Per model: held-out NLL / perplexity of reference responses; implicit-reward accuracy and margin on
+held-out pairs relative to the SFT model; greedy generations on held-out prompts, checked by the
+task's program (skill accuracy, style rate) and judged pairwise against the SFT model's (win-rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jaxalign import model_io
+from jaxalign.config import stage_config
+from jaxalign.data.iterator import make_iterator, to_global_arrays
+from jaxalign.data.sources import load_rows
+from jaxalign.data.pipeline import load_examples
+from jaxalign.data.tokenize import encode_prompt, resolve_cache_dir, tokenize_dataset
+from jaxalign.errors import JaxalignError
+from jaxalign.generate import generate_text
+from jaxalign.report import build_report, write_report
+from jaxalign.score import read_jsonl, score_rows
+from jaxalign.sharding import make_mesh, merged_rules, use_mesh
+from jaxalign.train.loop import mean_over, model_options, run_tokenizer
+from jaxalign.train.step import Objective, make_eval_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """The held-out data every model is evaluated on."""
+
+    sft_examples: list[dict]  # tokenized SFT examples: NLL of the reference responses
+    pairs: list[dict]  # tokenized preference pairs: implicit-reward accuracy
+    prompts: list[dict]  # generation prompts, with the task's fields (e.g. the expected answer)
+
+
+def _held_out_examples(path: str, stage_cfg, tokenizer, stage: str) -> list[dict]:
+    """Tokenized `path`, or (when '') the held-out split the stage validated on: its data.eval, or
+    the seeded data.eval_fraction of its data.train."""
+    if path:
+        ds, _ = tokenize_dataset(load_rows(path, stage_cfg.data.split), tokenizer, stage_cfg.data, stage,
+                                 loss_on=stage_cfg.sft.loss_on, cache_dir=resolve_cache_dir(stage_cfg), source=path)
+        return [{k: v for k, v in row.items() if not k.startswith("_")} for row in ds.to_list()]
+    if not stage_cfg.data.train or not (stage_cfg.data.eval or stage_cfg.data.eval_fraction):
+        return []
+    return load_examples(stage_cfg, tokenizer, stage=stage)[1]
+
+
+def load_held_out(cfg, tokenizer) -> HeldOut:
+    """eval.sft_data / eval.preference_data / eval.prompts; the data default to each stage's validation split."""
+    sft_cfg, dpo_cfg = stage_config(cfg, "sft"), stage_config(cfg, "dpo")
+    sft_examples = _held_out_examples(cfg.eval.sft_data, sft_cfg, tokenizer, "sft")
+    pairs = _held_out_examples(cfg.eval.preference_data, dpo_cfg, tokenizer, "dpo")
+    prompts = [row for _, row in read_jsonl(cfg.eval.prompts)] if cfg.eval.prompts else []
+    if cfg.eval.num_generations:
+        prompts = prompts[:cfg.eval.num_generations]
+    if not (sft_examples or pairs or prompts):
+        raise JaxalignError("nothing to evaluate on: set eval.prompts, eval.sft_data or eval.preference_data (or "
+                            "data.eval in the stage overrides)")
+    return HeldOut(sft_examples, pairs, prompts)
+
+
+class Evaluator:
+    """Evaluates models one at a time on one mesh; the SFT model's params are kept as the reference."""
+
+    def __init__(self, cfg, tokenizer=None):
+        self.cfg = cfg
+        self.rules = merged_rules(dict(cfg.mesh.rules))
+        self.mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
+        self.tokenizer = tokenizer or run_tokenizer(cfg)
+        self.held_out = load_held_out(cfg, self.tokenizer)
+        self.task = _task(cfg.eval.task)
+        self.pad_id = self.tokenizer.pad_id or 0
+
+    def load(self, path: str):
+        with use_mesh(self.mesh, self.rules):
+            return model_io.load_model(path, self.mesh, self.rules, **model_options(self.cfg))
+
+    def _mean_metrics(self, model, examples: list[dict], stage: str, ref_params=None) -> dict[str, float]:
+        objective = Objective(stage, beta=self.cfg.dpo.beta)
+        graphdef, params = nnx.split(model)
+        step = jax.jit(make_eval_step(graphdef, objective))
+        it = make_iterator(examples, self.cfg, stage=stage, train=False, mesh=self.mesh, pad_id=self.pad_id)
+        records = []
+        with use_mesh(self.mesh, self.rules):
+            for host in it:
+                records.append(jax.device_get(step(params, to_global_arrays(host, self.mesh), ref_params)))
+        return mean_over(records, "num_tokens" if stage == "sft" else "num_pairs")
+
+    def nll(self, model) -> dict[str, float]:
+        if not self.held_out.sft_examples:
+            return {}
+        m = self._mean_metrics(model, self.held_out.sft_examples, "sft")
+        return {"nll": m["nll"], "perplexity": math.exp(min(m["nll"], 80.0))}
+
+    def rewards(self, model, ref_model) -> dict[str, float]:
+        """Implicit rewards beta * (log pi - log pi_ref) relative to the SFT (reference) model."""
+        if not self.held_out.pairs or ref_model is None:
+            return {}
+        ref_params = nnx.split(ref_model)[1]
+        m = self._mean_metrics(model, self.held_out.pairs, "dpo", ref_params)
+        return {"reward_accuracy": m["rewards/accuracies"], "reward_margin": m["rewards/margins"]}
+
+    def generations(self, model) -> list[str]:
+        if not self.held_out.prompts:
+            return []
+        prompts = [row["prompt"] for row in self.held_out.prompts]
+        with use_mesh(self.mesh, self.rules):
+            return generate_text(model, self.tokenizer, prompts, max_new_tokens=self.cfg.eval.max_new_tokens,
+                                 stop=tuple(self.cfg.generate.stop), mesh=self.mesh,
+                                 batch_size=self.cfg.eval.batch_size)
+
+    def task_metrics(self, completions: Sequence[str]) -> dict[str, float]:
+        if self.task is None or not completions:
+            return {}
+        rows = self.held_out.prompts
+        out = {"skill_accuracy": sum(self.task.skill_correct(r, c) for r, c in zip(rows, completions)) / len(rows)}
+        if hasattr(self.task, "style_score"):
+            out["style_rate"] = sum(self.task.style_score(c) for c in completions) / len(rows)
+        return out
+
+    def win_rate(self, completions: Sequence[str], sft_completions: Sequence[str], judge_model=None) -> dict:
+        """Pairwise judgement of each generation against the SFT model's on the same prompt (ties: half)."""
+        rows = self.held_out.prompts
+        if not completions or not sft_completions:
+            return {}
+        if self.task is not None and hasattr(self.task, "judge_pair"):
+            verdicts = [self.task.judge_pair(r, a, b) for r, a, b in zip(rows, completions, sft_completions)]
+        elif judge_model is not None:
+            verdicts = self.likelihood_verdicts(judge_model, rows, completions, sft_completions)
+        else:
+            return {}
+        wins, losses = verdicts.count(1), verdicts.count(-1)
+        n = len(verdicts)
+        return {"win_rate_vs_sft": (wins + 0.5 * (n - wins - losses)) / n, "wins": wins, "losses": losses,
+                "ties": n - wins - losses, "judged": n}
+
+    def likelihood_verdicts(self, judge_model, rows, a: Sequence[str], b: Sequence[str]) -> list[int]:
+        """A judge model prefers the completion with the higher mean token log-prob given the prompt."""
+        entries = []
+        for i, row in enumerate(rows):
+            prompt = encode_prompt(self.tokenizer, row["prompt"])
+            for text in (a[i], b[i]):
+                ids = self.tokenizer.encode(text) or [self.tokenizer.eos_id]
+                entries.append((f"prompt {i}", prompt, ids))
+        scores = score_rows(judge_model, entries, self.mesh, self.cfg.eval.batch_size, pad_id=self.pad_id)
+        mean = [logp / max(n, 1) for logp, n in scores]
+        return [(mean[2 * i] > mean[2 * i + 1]) - (mean[2 * i] < mean[2 * i + 1]) for i in range(len(rows))]
+
+
+def _task(name: str):
+    if not name:
+        return None
+    from jaxalign.tasks import get_task
+
+    return get_task(name)
+
+
+def skill_of(cfg, model_path: str) -> float | None:
+    """Held-out task accuracy of one model's greedy generations (the pipeline's SFT gate)."""
+    ev = Evaluator(cfg)
+    if ev.task is None or not ev.held_out.prompts:
+        return None
+    return ev.task_metrics(ev.generations(ev.load(model_path)))["skill_accuracy"]
+
+
+def run_eval(cfg, models: Mapping[str, str], out_dir: str | pathlib.Path,
+             curves: Mapping[str, pathlib.Path] | None = None) -> dict[str, Any]:
+    """Evaluate `models` (name -> path; "sft" is the reference for rewards and win-rates) and write the report."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ev = Evaluator(cfg)
+    order = sorted(models, key=lambda name: name != "sft")  # the SFT model first: it is everyone's reference
+    sft_model = ev.load(models["sft"]) if "sft" in models else None
+    judge = ev.load(cfg.eval.judge) if cfg.eval.judge and ev.task is None else None
+    by_model: dict[str, dict[str, Any]] = {}
+    completions: dict[str, list[str]] = {}
+    for name in order:
+        log.info("evaluating %s (%s)", name, models[name])
+        model = sft_model if name == "sft" else ev.load(models[name])
+        metrics = {**ev.nll(model), **ev.rewards(model, sft_model)}
+        completions[name] = ev.generations(model)
+        metrics.update(ev.task_metrics(completions[name]))
+        if name != "sft" and "sft" in completions:
+            metrics.update(ev.win_rate(completions[name], completions["sft"], judge))
+        by_model[name] = metrics
+        _write_generations(out / f"generations_{name}.jsonl", ev.held_out.prompts, completions[name])
+    names = [n for n in ("base", "sft", "dpo") if n in by_model] + [n for n in by_model if n not in ("base", "sft", "dpo")]
+    report = build_report({n: by_model[n] for n in names}, {
+        "title": cfg.run_name or pathlib.Path(cfg.output_dir).name,
+        "models_paths": {n: str(models[n]) for n in names},
+        "data": {"prompts": len(ev.held_out.prompts), "sft_examples": len(ev.held_out.sft_examples),
+                 "pairs": len(ev.held_out.pairs), "task": cfg.eval.task or None,
+                 "judge": cfg.eval.task or cfg.eval.judge or None},
+    })
+    if jax.process_index() == 0:
+        write_report(out, report, curves)
+    for warning in report["warnings"]:
+        log.warning("%s", warning)
+    return report
+
+
+def _write_generations(path: pathlib.Path, rows: Sequence[dict], completions: Sequence[str]) -> None:
+    if not completions or jax.process_index() != 0:
+        return
+    with path.open("w", encoding="utf-8") as f:
+        for row, completion in zip(rows, completions):
+            f.write(json.dumps({**row, "completion": completion}, ensure_ascii=False) + "\n")
+
+
+def parse_models(spec: str) -> dict[str, str]:
+    """"base=P0,sft=P1,dpo=P2" -> {"base": "P0", ...}."""
+    models = {}
+    for item in filter(None, spec.split(",")):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise JaxalignError(f"--models: expected NAME=PATH items separated by commas, got {item!r}")
+        models[name.strip()] = path.strip()
+    if not models:
+        raise JaxalignError("--models: no models given")
+    return models

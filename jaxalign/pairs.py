@@ -1,0 +1,124 @@
+"""`jaxalign pairs`: on-policy preference data from a model's own samples.
+
+For each prompt, sample `num_samples` completions, rank them by the judge (a task's pairwise judge,
+round robin: a completion's score is its wins minus losses against the others), and write the best
+as `chosen` and the worst as `rejected`. Prompts whose candidates all tie are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from jaxalign import model_io
+from jaxalign.errors import JaxalignError
+from jaxalign.generate import generate_text
+from jaxalign.score import read_jsonl
+from jaxalign.sharding import make_mesh, use_mesh
+
+log = logging.getLogger(__name__)
+
+Judge = Callable[[dict, str, str], int]  # (prompt row, a, b) -> 1 if a wins, -1 if b wins, 0 tie
+
+
+def rank(row: dict, candidates: Sequence[str], judge: Judge) -> list[int]:
+    """Round-robin score (wins - losses) of each candidate against the others."""
+    scores = [0] * len(candidates)
+    for i in range(len(candidates)):
+        for j in range(i + 1, len(candidates)):
+            verdict = judge(row, candidates[i], candidates[j])
+            scores[i] += verdict
+            scores[j] -= verdict
+    return scores
+
+
+def best_and_worst(row: dict, candidates: Sequence[str], judge: Judge) -> tuple[str, str] | None:
+    """(chosen, rejected), or None when every candidate ties (a pair would teach nothing)."""
+    scores = rank(row, candidates, judge)
+    best, worst = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
+    if scores[best] == scores[worst] or candidates[best] == candidates[worst]:
+        return None
+    return candidates[best], candidates[worst]
+
+
+def task_judge(name: str) -> Judge:
+    from jaxalign.tasks import get_task
+
+    task = get_task(name)
+    if not hasattr(task, "judge_pair"):
+        raise JaxalignError(f"task {name!r} defines no pairwise judge (judge_pair)")
+    return task.judge_pair
+
+
+def run_pairs(model_path: str, prompts_path: str, out_path: str, *, judge: str, num_samples: int = 4,
+              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
+              batch_size: int = 32, tokenizer_path: str = "", chat_template: str = "") -> dict[str, int]:
+    """Write pairs.jsonl; returns counts {"prompts", "pairs", "skipped_all_tied"}."""
+    from jaxalign.tokenizer import load_tokenizer
+
+    if num_samples < 2:
+        raise JaxalignError(f"--num-samples must be at least 2, got {num_samples}")
+    judge_fn = task_judge(judge)
+    rows = [row for _, row in read_jsonl(prompts_path)]
+    for i, row in enumerate(rows):
+        if "prompt" not in row:
+            raise JaxalignError(f"{prompts_path}:{i + 1}: a row needs a 'prompt'")
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    tokenizer = load_tokenizer(tokenizer_path or str(model_io.tokenizer_path(model_path)), chat_template)
+    with use_mesh(mesh):
+        model = model_io.load_model(model_path, mesh)
+        # Each prompt repeated num_samples times: sampling keys depend on the position in the list,
+        # so the copies draw different samples.
+        prompts = [row["prompt"] for row in rows for _ in range(num_samples)]
+        samples = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, seed=seed, mesh=mesh, batch_size=batch_size)
+    counts = {"prompts": len(rows), "pairs": 0, "skipped_all_tied": 0}
+    out_rows: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        pair = best_and_worst(row, samples[i * num_samples:(i + 1) * num_samples], judge_fn)
+        if pair is None:
+            counts["skipped_all_tied"] += 1
+            continue
+        out_rows.append({**row, "chosen": pair[0], "rejected": pair[1]})
+    counts["pairs"] = len(out_rows)
+    if jax.process_index() == 0:
+        out = pathlib.Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows))
+    log.info("pairs: %s", counts)
+    return counts
+
+
+def add_cli(sub, commands: dict) -> None:
+    p = sub.add_parser("pairs", help="on-policy preference pairs: sample, judge, keep best and worst",
+                       description="Sample --num-samples completions per prompt from the model, rank them with "
+                                   "the judge, and write the best as `chosen` and the worst as `rejected`. Prompts "
+                                   "where all candidates tie are skipped and counted.")
+    p.add_argument("--model", required=True, help="the SFT model (HF dir, jaxalign checkpoint or run dir)")
+    p.add_argument("--prompts", required=True, help="JSONL with a `prompt` per row (plus the task's fields)")
+    p.add_argument("--judge", required=True, help="a registered task whose judge ranks completions, e.g. demo")
+    p.add_argument("--out", required=True, help="output JSONL (prompt, chosen, rejected + the input fields)")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tokenizer", default="", help="tokenizer (default: the model's own)")
+    p.add_argument("--chat-template", default="", help="chat template override (llama2, llama3, chatml, plain)")
+
+    def run(args) -> int:
+        counts = run_pairs(args.model, args.prompts, args.out, judge=args.judge, num_samples=args.num_samples,
+                           temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                           seed=args.seed, batch_size=args.batch_size, tokenizer_path=args.tokenizer,
+                           chat_template=args.chat_template)
+        print(f"{counts['pairs']} pairs from {counts['prompts']} prompts ({counts['skipped_all_tied']} skipped: all "
+              f"candidates tied) -> {args.out}")
+        return 0
+
+    commands["pairs"] = run
