@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxalign.data.batching import round_up
 from jaxalign.errors import JaxalignError
 from jaxalign.sharding import batch_sharding, constrain, make_mesh, use_mesh
 
@@ -128,10 +129,6 @@ def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int, pad_id: i
     return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids}
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _put(array: np.ndarray, mesh: Mesh | None) -> jax.Array:
     if mesh is None:
         return jnp.asarray(array)
@@ -160,7 +157,7 @@ def generate_rows(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     eos = sorted({int(t) for t in eos_ids if 0 <= int(t) < vocab}) or [-1]
     pad_id = pad_id if 0 <= pad_id < vocab else 0
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
-    rows = _round_up(batch_size if batch_size > 0 else len(prompts), data_parallel)
+    rows = round_up(batch_size if batch_size > 0 else len(prompts), data_parallel)
     greedy = temperature == 0.0
     static = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=0 if greedy else int(top_k),
                   use_top_p=not greedy and top_p < 1.0)
@@ -173,7 +170,7 @@ def generate_rows(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     with context:
         for start in range(0, len(order), rows):
             idx = order[start:start + rows]
-            length = _round_up(max(len(prompts[i]) for i in idx), pad_to_multiple_of)
+            length = round_up(max(len(prompts[i]) for i in idx), pad_to_multiple_of)
             if length + max_new_tokens > model.cfg.max_position_embeddings:
                 log.warning("prompt (padded to %d tokens) + max_new_tokens %d exceeds the model's "
                             "max_position_embeddings %d", length, max_new_tokens, model.cfg.max_position_embeddings)

@@ -9,71 +9,21 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
+from jaxalign.data.batching import completion_sequence, round_up
+from jaxalign.data.packing import pack_rows
+from jaxalign.data.sources import iter_jsonl
 from jaxalign.errors import JaxalignError
 from jaxalign.logprobs import sequence_logprobs
 from jaxalign.sharding import batch_sharding, make_mesh, use_mesh
 
 
-def completion_example(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """tokens / targets / loss_mask for one prompt+completion, targets masked to the completion."""
-    ids = np.asarray(list(prompt_ids) + list(completion_ids), np.int32)
-    if len(prompt_ids) == 0:
-        raise JaxalignError("a prompt needs at least one token (the first completion token is predicted from it)")
-    tokens, targets = ids[:-1], ids[1:]
-    loss_mask = np.arange(1, len(ids)) >= len(prompt_ids)
-    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
-
-
-def pad_examples(examples: Sequence[dict[str, np.ndarray]], length: int, rows: int,
-                 pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Stack examples into [rows, length] arrays; padding has segment id 0 and loss mask 0."""
-    batch = {
-        "tokens": np.full((rows, length), pad_id, np.int32),
-        "targets": np.full((rows, length), pad_id, np.int32),
-        "loss_mask": np.zeros((rows, length), bool),
-        "segment_ids": np.zeros((rows, length), np.int32),
-        "positions": np.zeros((rows, length), np.int32),
-    }
-    for i, ex in enumerate(examples):
-        n = len(ex["tokens"])
-        for key in ("tokens", "targets", "loss_mask"):
-            batch[key][i, :n] = ex[key]
-        batch["segment_ids"][i, :n] = 1
-        batch["positions"][i, :n] = np.arange(n)
-    return batch
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def read_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, row) for each non-blank line of a JSON Lines file."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise JaxalignError(f"data file not found: {path}")
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise JaxalignError(f"{path}:{i}: invalid UTF-8 (byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JaxalignError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise JaxalignError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            yield i, row
+read_jsonl = iter_jsonl  # (1-based line number, row) per JSONL row; errors name file:line
 
 
 def is_id_row(row: dict[str, Any]) -> bool:
@@ -135,7 +85,7 @@ def score_rows(model, rows: Iterable[tuple[str, list[int], list[int]]], mesh, ba
     examples = []
     for where, prompt, completion in rows:
         check_ids(prompt, completion, vocab_size, where)
-        examples.append(completion_example(prompt, completion))
+        examples.append(completion_sequence(prompt, completion))
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     rows_per_batch = round_up(max(batch_size, 1), data_parallel)
     graphdef, state = nnx.split(model)
@@ -143,12 +93,12 @@ def score_rows(model, rows: Iterable[tuple[str, list[int], list[int]]], mesh, ba
     sharding = batch_sharding(mesh)
     results: list[tuple[float, int] | None] = [None] * len(examples)
     # Longest first, so each batch pads to similar lengths and few distinct shapes compile.
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["tokens"]))
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     with use_mesh(mesh):
         for start in range(0, len(order), rows_per_batch):
             idx = order[start:start + rows_per_batch]
-            length = round_up(max(len(examples[i]["tokens"]) for i in idx), pad_to_multiple_of)
-            host = pad_examples([examples[i] for i in idx], length, rows_per_batch, pad_id)
+            length = round_up(max(len(examples[i]["input_ids"]) for i in idx), pad_to_multiple_of)
+            host = pack_rows([[examples[i]] for i in idx], length, pad_id, num_rows=rows_per_batch)
             batch = {k: jax.device_put(v, sharding) for k, v in host.items()}
             logp, count = jax.device_get(score(state, batch))
             for j, i in enumerate(idx):

@@ -199,7 +199,7 @@ def test_invalid_json_line(hf_dir, tmp_path, capsys):
     data = tmp_path / "in.jsonl"
     data.write_text('{"prompt_ids": [1], "completion_ids": [2]}\n{"prompt_ids": [1\n', encoding="utf-8")
     assert cli.main(["score", "--model", str(hf_dir), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
-    assert f"{data}:2: not valid JSON" in capsys.readouterr().err
+    assert f"{data}:2: malformed JSON" in capsys.readouterr().err
 
 
 # --- help -------------------------------------------------------------------------------------

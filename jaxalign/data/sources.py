@@ -20,6 +20,8 @@ import gzip
 import json
 import lzma
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import datasets
 import numpy as np
@@ -116,14 +118,15 @@ def _load_file(path: str, cache_dir: str | None) -> datasets.Dataset:
     return _tag(ds, path, rows)
 
 
-def _check_json(path: str, compression: str) -> list[int]:
-    """Validate a JSON Lines or JSON-array file; return the 1-based line number of each row."""
-    opener = _COMPRESSION.get(compression, open)
-    with opener(path, "rb") as f:
-        first = f.read(64).lstrip()
-    if first.startswith(b"["):
-        return _check_json_array(path, opener)
-    lines = []
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, row) for each non-blank line of a JSON Lines file (gzip/bz2/xz by suffix).
+
+    Invalid UTF-8, malformed JSON and non-object lines are errors naming file and line.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise JaxalignError(f"data file not found: {path}")
+    opener = _COMPRESSION.get(_data_kind(path)[1], open)
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -138,8 +141,17 @@ def _check_json(path: str, compression: str) -> list[int]:
                 raise JaxalignError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(row, dict):
                 raise JaxalignError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            lines.append(lineno)
-    return lines
+            yield lineno, row
+
+
+def _check_json(path: str, compression: str) -> list[int]:
+    """Validate a JSON Lines or JSON-array file; return the 1-based line number of each row."""
+    opener = _COMPRESSION.get(compression, open)
+    with opener(path, "rb") as f:
+        first = f.read(64).lstrip()
+    if first.startswith(b"["):
+        return _check_json_array(path, opener)
+    return [lineno for lineno, _ in iter_jsonl(path)]
 
 
 def _check_json_array(path: str, opener) -> list[int]:

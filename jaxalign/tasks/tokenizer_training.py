@@ -9,10 +9,10 @@ pieces (`split_digits`), every character of the corpus kept (`character_coverage
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Iterable, Sequence
 
+from jaxalign.data.sources import iter_jsonl
 from jaxalign.errors import JaxalignError
 
 DEFAULTS = {
@@ -65,15 +65,5 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, **
 
 def texts_from_jsonl(paths: Sequence[str], fields: Sequence[str]) -> list[str]:
     """The string values of `fields` in every row of the JSONL files (missing fields skipped)."""
-    texts = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise JaxalignError(f"{path}:{lineno}: not JSON: {e}") from e
-                texts.extend(row[k] for k in fields if isinstance(row.get(k), str) and row[k])
-    return texts
+    return [row[k] for path in paths for _, row in iter_jsonl(path) for k in fields
+            if isinstance(row.get(k), str) and row[k]]
