@@ -151,11 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_train, _add_eval, _add_pipeline, _add_data, _add_score):
         add(sub)
+    from jaxalign.distributed import add_distributed_args
     from jaxalign.generate import add_cli as add_generate
     from jaxalign.pairs import add_cli as add_pairs
+    from jaxalign.plan import add_cli as add_plan
 
     add_generate(sub, _COMMANDS)
     add_pairs(sub, _COMMANDS)
+    add_plan(sub, _COMMANDS)
+    add_distributed_args(sub.choices["train"], sub.choices["pipeline"])
     return parser
 
 
@@ -166,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Orbax logs every checkpoint step through absl at INFO; keep it for --verbose.
     logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
+        from jaxalign.distributed import initialize_from_cli
+
+        initialize_from_cli(args)
         return _COMMANDS[args.command](args)
     except JaxalignError as e:
         print(f"jaxalign {args.command}: error: {e}", file=sys.stderr)
