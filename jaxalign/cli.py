@@ -104,7 +104,7 @@ def _eval(args: argparse.Namespace) -> int:
     from jaxalign.evaluate import parse_models, run_eval
 
     cfg = load_config(args.config, args.set)
-    out = args.out or f"{cfg.output_dir}/report"
+    out = args.out or f"{cfg.output_dir}/eval"
     report = run_eval(cfg, parse_models(args.models), out)
     print(f"report: {out}/report.md")
     for line in [c["line"] for c in report["credits"]] + [f"warning: {w}" for w in report["warnings"]]:
@@ -120,7 +120,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                    "report.json and PNG plots.")
     _add_config_args(p)
     p.add_argument("--models", required=True, help="NAME=PATH,... e.g. base=P0,sft=P1,dpo=P2 (sft is the reference)")
-    p.add_argument("--out", default="", help="report dir (default: OUTPUT_DIR/report)")
+    p.add_argument("--out", default="", help="report dir (default: OUTPUT_DIR/eval)")
     _COMMANDS["eval"] = _eval
 
 
@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # force: importing Orbax/absl may already have configured the root logger.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     # Orbax logs every checkpoint step through absl at INFO; keep it for --verbose.
     logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:

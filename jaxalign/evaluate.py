@@ -175,8 +175,11 @@ def skill_of(cfg, model_path: str) -> float | None:
 
 
 def run_eval(cfg, models: Mapping[str, str], out_dir: str | pathlib.Path,
-             curves: Mapping[str, pathlib.Path] | None = None) -> dict[str, Any]:
-    """Evaluate `models` (name -> path; "sft" is the reference for rewards and win-rates) and write the report."""
+             curves: Mapping[str, pathlib.Path] | None = None,
+             extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate `models` (name -> path; "sft" is the reference for rewards and win-rates) and write the report.
+
+    `extras` are stored in report.json as they are (the pipeline adds its gate result)."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ev = Evaluator(cfg)
@@ -188,7 +191,8 @@ def run_eval(cfg, models: Mapping[str, str], out_dir: str | pathlib.Path,
     for name in order:
         log.info("evaluating %s (%s)", name, models[name])
         model = sft_model if name == "sft" else ev.load(models[name])
-        metrics = {**ev.nll(model), **ev.rewards(model, sft_model)}
+        # Rewards are relative to the SFT model: it has none of its own.
+        metrics = {**ev.nll(model), **(ev.rewards(model, sft_model) if name != "sft" else {})}
         completions[name] = ev.generations(model)
         metrics.update(ev.task_metrics(completions[name]))
         if name != "sft" and "sft" in completions:
@@ -202,6 +206,7 @@ def run_eval(cfg, models: Mapping[str, str], out_dir: str | pathlib.Path,
         "data": {"prompts": len(ev.held_out.prompts), "sft_examples": len(ev.held_out.sft_examples),
                  "pairs": len(ev.held_out.pairs), "task": cfg.eval.task or None,
                  "judge": cfg.eval.task or cfg.eval.judge or None},
+        **(extras or {}),
     })
     if jax.process_index() == 0:
         write_report(out, report, curves)

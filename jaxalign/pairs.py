@@ -3,6 +3,11 @@
 For each prompt, sample `num_samples` completions, rank them by the judge (a task's pairwise judge,
 round robin: a completion's score is its wins minus losses against the others), and write the best
 as `chosen` and the worst as `rejected`. Prompts whose candidates all tie are skipped and counted.
+
+The written texts re-tokenize to the sampled tokens: for a plain-string prompt a completion is the
+decoded prompt+completion minus the decoded prompt, so it keeps the leading space the sampled first
+token carries ("Assistant:" + " Sure!"); a bare decode would drop it and DPO would train on
+"Assistant:Sure!", tokens the model never sampled.
 """
 
 from __future__ import annotations
@@ -15,9 +20,8 @@ from typing import Any
 
 import jax
 
-from jaxalign import model_io
 from jaxalign.errors import JaxalignError
-from jaxalign.generate import generate_text
+from jaxalign.generate import complete
 from jaxalign.score import read_jsonl
 from jaxalign.sharding import make_mesh, use_mesh
 
@@ -46,6 +50,16 @@ def best_and_worst(row: dict, candidates: Sequence[str], judge: Judge) -> tuple[
     return candidates[best], candidates[worst]
 
 
+def completion_text(tokenizer, prompt: str | list, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> str:
+    """The text of sampled `completion_ids` such that `prompt` + text tokenizes back to them (see the module doc)."""
+    alone = tokenizer.decode(list(completion_ids), skip_special_tokens=True)
+    if not isinstance(prompt, str):  # a chat template places the reply itself
+        return alone
+    before = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    full = tokenizer.decode(list(prompt_ids) + list(completion_ids), skip_special_tokens=True)
+    return full[len(before):] if full.startswith(before) else alone
+
+
 def task_judge(name: str) -> Judge:
     from jaxalign.tasks import get_task
 
@@ -59,6 +73,10 @@ def run_pairs(model_path: str, prompts_path: str, out_path: str, *, judge: str, 
               temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
               batch_size: int = 32, tokenizer_path: str = "", chat_template: str = "") -> dict[str, int]:
     """Write pairs.jsonl; returns counts {"prompts", "pairs", "skipped_all_tied"}."""
+    # Imported here, not at the top: model_io imports Orbax, whose absl logging installs a root handler
+    # on import, and `jaxalign` (cli.main) builds its parser before it configures logging.
+    from jaxalign import model_io
+    from jaxalign.data.tokenize import encode_prompt
     from jaxalign.tokenizer import load_tokenizer
 
     if num_samples < 2:
@@ -75,8 +93,11 @@ def run_pairs(model_path: str, prompts_path: str, out_path: str, *, judge: str, 
         # Each prompt repeated num_samples times: sampling keys depend on the position in the list,
         # so the copies draw different samples.
         prompts = [row["prompt"] for row in rows for _ in range(num_samples)]
-        samples = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_p=top_p, seed=seed, mesh=mesh, batch_size=batch_size)
+        results = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, mesh=mesh, batch_size=batch_size)
+    prompt_ids = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+    samples = [completion_text(tokenizer, prompts[k], prompt_ids[k // num_samples], r["completion_ids"])
+               for k, r in enumerate(results)]
     counts = {"prompts": len(rows), "pairs": 0, "skipped_all_tied": 0}
     out_rows: list[dict[str, Any]] = []
     for i, row in enumerate(rows):

@@ -24,6 +24,9 @@ METRICS: dict[str, tuple[bool, str]] = {
     "win_rate_vs_sft": (True, "judged wins over the SFT model's generations (ties count half)"),
 }
 STAGE_TRANSITIONS = (("base", "sft"), ("sft", "dpo"))
+# Metrics measured against the SFT model itself, with what "no preference learnt" reads as: the SFT
+# model has no value of its own (it is the reference), and DPO is credited for beating the baseline.
+RELATIVE_TO_SFT = {"win_rate_vs_sft": 0.5, "reward_accuracy": 0.5, "reward_margin": 0.0}
 
 
 @dataclasses.dataclass
@@ -41,11 +44,12 @@ class Credit:
 def credit(metric: str, by_model: Mapping[str, Mapping[str, float]], min_delta: float = 1e-3) -> Credit:
     """Which stage moved `metric` most in its good direction (changes below `min_delta` don't count)."""
     higher_is_better = METRICS[metric][0]
-    if metric == "win_rate_vs_sft":  # measured against SFT by definition: DPO's gain over a coin flip
-        value = by_model.get("dpo", {}).get(metric)
+    if metric in RELATIVE_TO_SFT:
+        value, baseline = by_model.get("dpo", {}).get(metric), RELATIVE_TO_SFT[metric]
         if not _number(value):
             return Credit(metric, None, {})
-        return Credit(metric, "dpo" if value - 0.5 > min_delta else None, {"dpo vs sft - 0.5": value - 0.5})
+        gain = value - baseline
+        return Credit(metric, "dpo" if gain > min_delta else None, {f"dpo vs sft - {baseline:g}": gain})
     deltas: dict[str, float] = {}
     for before, after in STAGE_TRANSITIONS:
         a, b = by_model.get(before, {}).get(metric), by_model.get(after, {}).get(metric)
@@ -109,6 +113,10 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {stage.upper() if stage else '—'} |")
     lines += ["", "## Credits", ""] + [f"- {c['line']}" for c in report["credits"]]
     lines += ["", "## Warnings", ""] + ([f"- {w}" for w in report["warnings"]] or ["- none"])
+    gate = report.get("gate")
+    if gate and _number(gate.get("sft_skill")):
+        lines += ["", "## SFT gate", "", f"- held-out skill of the SFT model {gate['sft_skill']:.1%} vs "
+                  f"eval.min_sft_skill {gate['min_sft_skill']:.1%}: {'passed' if gate['passed'] else 'FAILED'}"]
     lines += ["", "## Metrics", ""] + [f"- `{m}`: {METRICS[m][1]} ({'higher' if METRICS[m][0] else 'lower'} is "
                                        "better)" for m in shown]
     for key, title in (("data", "Held-out data"), ("models_paths", "Models")):

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
+
 from jaxalign.report import build_report, credit, win_rate_warning, write_report
 
 MODELS = {
     "base": {"skill_accuracy": 0.0, "nll": 4.0, "style_rate": 0.1},
-    "sft": {"skill_accuracy": 0.9, "nll": 1.0, "style_rate": 0.5, "reward_accuracy": 0.0},
+    "sft": {"skill_accuracy": 0.9, "nll": 1.0, "style_rate": 0.5},
     "dpo": {"skill_accuracy": 0.88, "nll": 1.1, "style_rate": 0.97, "reward_accuracy": 0.95,
             "win_rate_vs_sft": 0.8, "judged": 100, "wins": 60, "losses": 0},
 }
@@ -16,8 +18,10 @@ def test_each_metric_is_credited_to_the_stage_that_moved_it():
     assert credit("skill_accuracy", MODELS).stage == "sft"
     assert credit("nll", MODELS).stage == "sft"  # lower is better: base->sft -3.0 is the gain
     assert credit("style_rate", MODELS).stage == "dpo"
-    c = credit("reward_accuracy", MODELS)
-    assert c.stage == "dpo" and c.deltas == {"sft->dpo": 0.95}
+    c = credit("reward_accuracy", MODELS)  # relative to SFT: credited for beating chance
+    assert c.stage == "dpo" and c.deltas == {"dpo vs sft - 0.5": pytest.approx(0.45)}
+    assert credit("win_rate_vs_sft", MODELS).stage == "dpo"
+    assert credit("win_rate_vs_sft", {"dpo": {"win_rate_vs_sft": 0.5}}).stage is None
     flat = {"sft": {"skill_accuracy": 0.5}, "dpo": {"skill_accuracy": 0.5}}
     assert credit("skill_accuracy", flat).stage is None
 

@@ -1,0 +1,358 @@
+"""`jaxalign pipeline` end to end on a small version of the demo (configs/demo.yaml): SFT, the gate
+failing then passing, DPO, the base/SFT/DPO report, the HF export (loaded by transformers, greedy
+text equal to `jaxalign generate`), a re-run that skips everything, `jaxalign eval` and `jaxalign pairs`.
+
+The small run is the demo with fewer rows and steps (`small_demo`). The first run asks for a
+stricter gate than its SFT model reaches (eval.min_sft_skill 0.99), so it stops with SFTGateError
+(exit code 2) before DPO; the second run, with the demo's own gate (0.8), reuses the finished SFT run
+and its recorded skill and goes on to DPO, the report and the export. Measured on a loaded 2-core
+machine with 8 virtual devices (deterministic for a given jax/XLA build):
+
+    base skill 0%; SFT skill 94%, style 30%; DPO skill 91%, style 98%, win-rate over SFT 82%
+
+The pipeline runs in a subprocess (`python -m jaxalign.cli pipeline`) with
+--xla_cpu_enable_concurrency_optimized_scheduler=false: with 8 virtual CPU devices on a machine
+with fewer cores, XLA's CPU runtime can run two collectives of one device concurrently, and then
+all of its collective threads wait on each other (measured: the DPO train step hung in 4 of 4
+runs without the flag, in none of 7 with it; `make demo` runs on one device and is not affected).
+Everything else runs in this process and compiles nothing that trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxalign import cli, model_io
+from jaxalign.config import load_config
+from jaxalign.data.tokenize import encode_prompt
+from jaxalign.pipeline import SFTGateError, run_pipeline
+from jaxalign.tasks import demo
+from jaxalign.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
+SFT_STEPS, DPO_STEPS = 200, 60  # the demo: 300, 100
+N_SFT, N_PREF, N_EVAL = 3000, 1500, 64  # the demo: 8000, 3000, 256
+STRICT_GATE = 0.99  # the first run's eval.min_sft_skill: the small SFT run misses it
+DEMO_GATE = 0.8  # configs/demo.yaml's eval.min_sft_skill: the second run's
+METRICS = ("skill_accuracy", "nll", "perplexity", "style_rate", "reward_accuracy", "reward_margin")
+XLA_FLAGS = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+             " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    """cli.main in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _subprocess_cli(argv: list[str], timeout: float, log: pathlib.Path) -> subprocess.CompletedProcess:
+    """`python -m jaxalign.cli ARGV`; its stderr is also kept in `log` (a failed test points at it).
+
+    The two pipeline runs share a persistent compilation cache (the gate's decoding program is the
+    report's)."""
+    env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
+           "JAX_COMPILATION_CACHE_DIR": str(log.parent / "jax_cache")}
+    proc = subprocess.run([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    log.write_text(proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory) -> dict:
+    """The demo's data (fewer rows) and its tokenizer, and the --set overrides of the small run."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = demo.write_demo_data(str(tmp / "data"), n_sft=N_SFT, n_pref=N_PREF, n_eval=N_EVAL, seed=0)
+    texts = texts_from_jsonl([data["sft"], data["preference"]], ["prompt", "completion", "chosen", "rejected"])
+    tokenizer = train_sentencepiece(texts, 400, str(tmp / "tokenizer"))
+    root = tmp / "run"
+    sets = [
+        f"output_dir={root}", f"tokenizer.path={tokenizer}",
+        f"eval.prompts={data['eval_prompts']}", f"eval.num_generations={N_EVAL}",
+        f"sft.overrides.data.train={data['sft']}", f"sft.overrides.data.eval={data['sft_eval']}",
+        f"sft.overrides.train.max_steps={SFT_STEPS}", "sft.overrides.train.eval_every=0",
+        f"dpo.overrides.data.train={data['preference']}", f"dpo.overrides.data.eval={data['preference_eval']}",
+        f"dpo.overrides.train.max_steps={DPO_STEPS}", "dpo.overrides.train.eval_every=0",
+    ]
+    return {"root": root, "data": data, "tokenizer": tokenizer, "sets": sets}
+
+
+def _argv(sets: list[str]) -> list[str]:
+    return ["pipeline", "--config", DEMO_CONFIG, *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def failed_gate(small_demo) -> dict:
+    """The small run with a strict gate: SFT trains, misses eval.min_sft_skill, DPO never starts.
+
+    What the tests check is recorded here, before `passed_run` goes on from the same run dir."""
+    root, sets = small_demo["root"], [*small_demo["sets"], f"eval.min_sft_skill={STRICT_GATE}"]
+    start = time.perf_counter()
+    proc = _subprocess_cli(_argv(sets), timeout=400, log=root.parent / "failed_gate.log")
+    result = {"proc": proc, "seconds": time.perf_counter() - start,
+              "gate": json.loads((root / "gate.json").read_text()) if (root / "gate.json").is_file() else None,
+              "listing": sorted(p.name for p in root.iterdir())}
+    # The same failure in this process: the recorded skill is reused, nothing is measured again.
+    start = time.perf_counter()
+    try:
+        run_pipeline(load_config(DEMO_CONFIG, sets))
+        result["raised"] = None
+    except SFTGateError as e:
+        result["raised"] = e
+    result["cli"] = _cli(_argv(sets))
+    result["in_process_seconds"] = time.perf_counter() - start
+    return result
+
+
+@pytest.fixture(scope="module")
+def passed_run(small_demo, failed_gate) -> dict:
+    """The same run dir re-run with the demo's gate: SFT skipped, gate passes, DPO, report, export."""
+    root, sets = small_demo["root"], small_demo["sets"]
+    start = time.perf_counter()
+    proc = _subprocess_cli(_argv(sets), timeout=400, log=root.parent / "passed_run.log")
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, f"pipeline failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
+    report = json.loads((root / "report" / "report.json").read_text())
+    return {"root": root, "sets": sets, "proc": proc, "seconds": seconds, "report": report,
+            "models": report["models"]}
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def test_gate_fails_below_min_sft_skill(small_demo, failed_gate):
+    root = small_demo["root"]
+    proc = failed_gate["proc"]
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "jaxalign pipeline: error: SFT gate: held-out skill" in proc.stderr
+    assert f"is below eval.min_sft_skill={STRICT_GATE:.1%}" in proc.stderr
+    assert "Train SFT longer" in proc.stderr and "finished stages are skipped" in proc.stderr
+    gate = failed_gate["gate"]
+    assert gate["passed"] is False and gate["min_sft_skill"] == STRICT_GATE and gate["sft_skill"] < STRICT_GATE
+    # Nothing after the gate ran.
+    assert "sft" in failed_gate["listing"] and "gate.json" in failed_gate["listing"]
+    assert not {"dpo", "report", "export"} & set(failed_gate["listing"])
+    assert (root / "sft" / "summary.json").is_file()
+
+    error = failed_gate["raised"]
+    assert isinstance(error, SFTGateError)
+    message = str(error)
+    assert f"held-out skill {gate['sft_skill']:.1%} is below eval.min_sft_skill={STRICT_GATE:.1%}" in message
+    assert str(root / "sft") in message and str(root / "gate.json") in message
+    code, _, err = failed_gate["cli"]
+    assert code == 2 and "SFT gate: held-out skill" in err
+    # The re-runs measured nothing: SFT skipped, the recorded skill reused.
+    assert failed_gate["in_process_seconds"] < 60
+
+
+# ----------------------------------------------------------------------------- the passing run
+
+
+def test_pipeline_passes_gate_trains_dpo_and_reports(passed_run, failed_gate):
+    root, report, m = passed_run["root"], passed_run["report"], passed_run["models"]
+    print(f"\nsmall pipeline: SFT + failed gate {failed_gate['seconds']:.0f}s, then gate + DPO + report + export "
+          f"{passed_run['seconds']:.0f}s (subprocesses, start-up included); metrics:")
+    for name in ("base", "sft", "dpo"):
+        print(f"  {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in m[name].items() if isinstance(v, float)))
+
+    gate = json.loads((root / "gate.json").read_text())
+    assert gate["passed"] is True and gate["min_sft_skill"] == DEMO_GATE
+    assert report["gate"]["passed"] is True and report["gate"]["sft_skill"] == gate["sft_skill"]
+    # SFT was not trained again: the DPO run starts from the first run's SFT checkpoint.
+    assert "SFT: finished run" in passed_run["proc"].stderr and "held-out skill recorded" in passed_run["proc"].stderr
+
+    out = root / "report"
+    for name in ("report.md", "report.json", "generations_base.jsonl", "generations_sft.jsonl",
+                 "generations_dpo.jsonl"):
+        assert (out / name).is_file(), name
+    for name in ("stage_metrics.png", "training_curves.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    for name in ("base", "sft", "dpo"):
+        rows = _jsonl(out / f"generations_{name}.jsonl")
+        assert len(rows) == N_EVAL and all("completion" in r and "prompt" in r for r in rows)
+    # The CLI prints report.md.
+    assert "# Stage comparison" in passed_run["proc"].stdout
+
+    # report.json holds every metric of every model, the credits and the warnings.
+    for name in ("base", "sft", "dpo"):
+        for metric in METRICS:
+            if name == "sft" and metric.startswith("reward_"):
+                # Rewards are relative to the SFT model: the reference has none of its own.
+                assert metric not in m[name]
+                continue
+            assert isinstance(m[name][metric], float), (name, metric)
+    assert isinstance(m["dpo"]["win_rate_vs_sft"], float)
+    assert m["dpo"]["judged"] == N_EVAL
+    assert {c["metric"] for c in report["credits"]} == {*METRICS, "win_rate_vs_sft"}
+    assert isinstance(report["warnings"], list)
+    md = (out / "report.md").read_text()
+    for metric in (*METRICS, "win_rate_vs_sft"):
+        assert f"| {metric} |" in md
+    assert "## SFT gate" in md and "passed" in md
+
+    # What each stage must have done at this size (measured values in the module doc), with margin.
+    assert m["base"]["skill_accuracy"] < 0.05 and m["sft"]["skill_accuracy"] >= DEMO_GATE
+    assert m["sft"]["nll"] < m["base"]["nll"] - 3.0
+    assert m["dpo"]["style_rate"] > m["sft"]["style_rate"] + 0.3
+    assert m["dpo"]["win_rate_vs_sft"] > 0.6
+    assert m["dpo"]["skill_accuracy"] >= m["sft"]["skill_accuracy"] - 0.1
+    assert m["dpo"]["reward_accuracy"] > 0.8 and m["dpo"]["reward_margin"] > 0
+    credited = {c["metric"]: c["stage"] for c in report["credits"]}
+    assert credited["skill_accuracy"] == "sft" and credited["nll"] == "sft"
+    assert credited["style_rate"] == "dpo" and credited["win_rate_vs_sft"] == "dpo"
+    assert credited["reward_accuracy"] == "dpo" and credited["reward_margin"] == "dpo"
+    assert not [w for w in report["warnings"] if "win-rate" in w], report["warnings"]
+
+
+def test_rerun_skips_finished_stages(passed_run):
+    root = passed_run["root"]
+    watched = [root / "base" / model_io.MODEL_FILE, root / "gate.json", root / "report" / "report.json",
+               root / "report" / "report.md", root / "report" / "stage_metrics.png", root / "export" / "config.json",
+               root / "export" / "model.safetensors"]
+    for run in ("sft", "dpo"):
+        watched += [root / run / "metrics.jsonl", root / run / "summary.json"]
+        watched += sorted((root / run / "checkpoints").rglob("*"))
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in watched}
+    start = time.perf_counter()
+    code, out, err = _cli(_argv(passed_run["sets"]))
+    seconds = time.perf_counter() - start
+    assert code == 0, err
+    print(f"\nre-run of the finished pipeline: {seconds:.1f}s")
+    assert "# Stage comparison" in out
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in watched}
+    assert after == before, [str(p) for p in watched if after[p] != before[p]]
+    assert seconds < 30  # nothing trained, evaluated or exported again
+
+
+# ----------------------------------------------------------------------------- the HF export
+
+
+def test_export_loads_in_transformers_and_matches_jaxalign_generate(passed_run, small_demo):
+    import torch
+    import transformers
+
+    from jaxalign.generate import generate_text
+    from jaxalign.sharding import make_mesh, merged_rules, use_mesh
+    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.train.loop import model_options
+
+    root = passed_run["root"]
+    export = root / "export"
+    rows = _jsonl(small_demo["data"]["eval_prompts"])
+    prompts = [r["prompt"] for r in rows]
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    hf_model.eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(export)
+    tok = load_tokenizer(str(model_io.tokenizer_path(root / "dpo")))
+    # The export names the tokenizer's special ids, so transformers' generate stops at EOS by itself.
+    assert hf_model.generation_config.eos_token_id == tok.eos_id == hf_tok.eos_token_id
+    assert hf_model.config.bos_token_id == tok.bos_id
+
+    # jaxalign's greedy generations of the DPO checkpoint, as `jaxalign eval` makes them.
+    cfg = load_config(str(root / "config.yaml"))
+    mesh, rules = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}), merged_rules(dict(cfg.mesh.rules))
+    with use_mesh(mesh, rules):
+        model = model_io.load_model(root / "dpo", mesh, rules, **model_options(cfg))
+        expected = generate_text(model, tok, prompts, max_new_tokens=cfg.eval.max_new_tokens, mesh=mesh,
+                                 batch_size=cfg.eval.batch_size)
+    assert expected == [r["completion"] for r in _jsonl(root / "report" / "generations_dpo.jsonl")]
+
+    n = 8
+    texts = []
+    for prompt in prompts[:n]:
+        ids = hf_tok(prompt)["input_ids"]
+        assert ids == encode_prompt(tok, prompt), prompt  # same prompt ids as jaxalign's (BOS included)
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+                                    pad_token_id=hf_tok.eos_token_id)
+        new = out[0, len(ids):].tolist()
+        assert new[-1] == tok.eos_id or len(new) == cfg.eval.max_new_tokens
+        texts.append(hf_tok.decode(new, skip_special_tokens=True))
+    assert texts == expected[:n]
+    # The DPO model answers politely, and mostly correctly.
+    assert sum(demo.style_score(t) for t in texts) >= n - 2
+    assert sum(demo.skill_correct(r, t) for r, t in zip(rows, texts)) >= n // 2
+
+
+# ----------------------------------------------------------------------------- jaxalign eval / pairs
+
+
+def test_eval_cli_writes_report_and_warns_when_dpo_is_sft(passed_run, tmp_path):
+    root, pipeline = passed_run["root"], passed_run["models"]
+    out = tmp_path / "eval"
+    sft = str(root / "sft")
+    code, stdout, err = _cli(["eval", "--config", str(root / "config.yaml"), "--models", f"sft={sft},dpo={sft}",
+                              "--out", str(out)])
+    assert code == 0, err
+    for name in ("report.md", "report.json", "stage_metrics.png", "generations_sft.jsonl", "generations_dpo.jsonl"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    dpo = report["models"]["dpo"]
+    assert dpo["wins"] == dpo["losses"] == 0 and dpo["ties"] == dpo["judged"] == N_EVAL
+    assert dpo["win_rate_vs_sft"] == 0.5
+    warnings = [w for w in report["warnings"] if "stage two adds no measurable win-rate" in w]
+    assert warnings and "look into the preference data" in warnings[0]
+    assert "warning: " in stdout and "stage two adds no measurable win-rate" in stdout
+    assert "stage two adds no measurable win-rate" in (out / "report.md").read_text()
+    # Same held-out data, same SFT model: the pipeline's numbers come back.
+    for metric in ("skill_accuracy", "style_rate"):
+        assert report["models"]["sft"][metric] == pytest.approx(pipeline["sft"][metric], abs=2 / N_EVAL)
+    assert report["models"]["sft"]["nll"] == pytest.approx(pipeline["sft"]["nll"], rel=1e-3)
+
+
+def test_pairs_cli_writes_pairs_the_judge_prefers(passed_run, small_demo, tmp_path):
+    from jaxalign.tokenizer import load_tokenizer
+
+    root = passed_run["root"]
+    sft = str(root / "sft")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = _jsonl(small_demo["data"]["eval_prompts"])[:16]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(str(model_io.tokenizer_path(sft)))
+
+    out = tmp_path / "pairs.jsonl"
+    code, stdout, err = _cli(["pairs", "--model", sft, "--prompts", str(prompts), "--judge", "demo",
+                              "--num-samples", "4", "--out", str(out), "--max-new-tokens", "40", "--batch-size", "64"])
+    assert code == 0, err
+    pairs = _jsonl(out)
+    skipped = len(rows) - len(pairs)
+    assert f"{len(pairs)} pairs from {len(rows)} prompts ({skipped} skipped: all candidates tied)" in stdout
+    assert len(pairs) >= 4  # samples at temperature 1 from a model that answers in both styles
+    by_prompt = {r["prompt"]: r for r in rows}
+    for pair in pairs:
+        row = by_prompt[pair["prompt"]]
+        assert pair["answer"] == row["answer"]  # the input row's fields are kept
+        assert demo.judge_pair(row, pair["chosen"], pair["rejected"]) == 1, pair
+        # Written as the training data writes completions (" Sure! ..."): prompt + text tokenizes to
+        # the prompt's tokens followed by the sampled ones.
+        assert pair["chosen"].startswith(" "), pair
+        for text in (pair["chosen"], pair["rejected"]):
+            prompt_ids = encode_prompt(tok, pair["prompt"])
+            assert tok.encode(pair["prompt"] + text, add_special_tokens=True)[:len(prompt_ids)] == prompt_ids
+
+    # Greedy decoding gives every prompt identical candidates: all tie, every prompt is skipped.
+    out = tmp_path / "greedy.jsonl"
+    code, stdout, err = _cli(["pairs", "--model", sft, "--prompts", str(prompts), "--judge", "demo",
+                              "--num-samples", "2", "--temperature", "0", "--out", str(out),
+                              "--max-new-tokens", "40", "--batch-size", "64"])
+    assert code == 0, err
+    assert _jsonl(out) == []
+    assert f"0 pairs from {len(rows)} prompts ({len(rows)} skipped: all candidates tied)" in stdout
