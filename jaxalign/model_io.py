@@ -9,6 +9,7 @@ Params restore straight onto any mesh: Orbax reads each device's block for the t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import pathlib
@@ -22,6 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from jaxalign.checkpoint import mismatch_message, saved_tensors
 from jaxalign.convert import dir_listing, hf_source_dtype, load_hf_state
 from jaxalign.errors import JaxalignError
 from jaxalign.models import Decoder, ModelConfig, abstract_model, load_hf_config
@@ -102,19 +104,35 @@ def _read_meta(path: pathlib.Path) -> dict[str, Any]:
     return meta
 
 
+@contextlib.contextmanager
+def _readable(path: pathlib.Path):
+    """Turn a library's error on a damaged file (truncated safetensors, broken JSON) into a JaxalignError
+    naming the model directory."""
+    try:
+        yield
+    except JaxalignError:
+        raise
+    except Exception as e:  # safetensors, json, OSError, ...: all mean the same to the user
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        raise JaxalignError(f"model {path} cannot be read (a truncated or corrupt file?): {type(e).__name__}: "
+                            f"{detail}") from e
+
+
 def load_model_config(path: str | pathlib.Path) -> ModelConfig:
     path = resolve_model_path(path)
-    if detect_model_format(path) == "hf":
-        return load_hf_config(path)
-    return ModelConfig.from_dict(_read_meta(path)["model_config"])
+    with _readable(path):
+        if detect_model_format(path) == "hf":
+            return load_hf_config(path)
+        return ModelConfig.from_dict(_read_meta(path)["model_config"])
 
 
 def source_dtype(path: str | pathlib.Path) -> str | None:
     """The dtype the model was originally published in (what an HF export writes by default)."""
     path = resolve_model_path(path)
-    if detect_model_format(path) == "hf":
-        return hf_source_dtype(path)
-    return _read_meta(path).get("source_dtype")
+    with _readable(path):
+        if detect_model_format(path) == "hf":
+            return hf_source_dtype(path)
+        return _read_meta(path).get("source_dtype")
 
 
 def load_model(path: str | pathlib.Path, mesh: Mesh, rules: Mapping[str, Any] | None = None,
@@ -128,7 +146,8 @@ def load_model(path: str | pathlib.Path, mesh: Mesh, rules: Mapping[str, Any] | 
     cfg = load_model_config(path)
     graphdef, abstract, shardings = abstract_model(cfg, mesh, rules, **options)
     if detect_model_format(path) == "hf":
-        state = load_hf_state(path, cfg, shardings, options.get("param_dtype", "float32"))
+        with _readable(path):
+            state = load_hf_state(path, cfg, shardings, options.get("param_dtype", "float32"))
     else:
         state = _restore_params(path, abstract, shardings)
     return nnx.merge(graphdef, state)
@@ -144,8 +163,9 @@ def _restore_params(path: pathlib.Path, abstract: nnx.State, shardings: nnx.Stat
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(params_dir.absolute(), target)
-    except (ValueError, KeyError) as e:  # Orbax reports tree/shape mismatches this way
-        raise JaxalignError(f"{params_dir}: parameters do not match the model in {MODEL_FILE}: {e}") from e
+    except Exception as e:  # Orbax/TensorStore raise many types: say what differs, or that it is corrupt
+        raise JaxalignError(mismatch_message(path, saved_tensors(params_dir), target, e)
+                            + f" (the model is described by {_meta_dir(path) / MODEL_FILE})") from e
     nnx.replace_by_pure_dict(abstract, restored)  # in place: keeps each Variable's metadata
     return abstract
 

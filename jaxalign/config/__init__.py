@@ -150,6 +150,8 @@ def _read_yaml(path: str) -> dict:
         raise JaxalignError(
             f"cannot parse config file {path}: {e}\n(only plain YAML is accepted: "
             "no !!python tags or other custom types)") from None
+    except UnicodeDecodeError as e:
+        raise JaxalignError(f"config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):

@@ -152,7 +152,7 @@ def _sharegpt_messages(turns: Any) -> list[Message]:
     converted = []
     for i, t in enumerate(turns):
         who = t.get("from")
-        if who not in SHAREGPT_ROLES:
+        if not isinstance(who, str) or who not in SHAREGPT_ROLES:
             expected = sorted(SHAREGPT_ROLES)
             raise BadRow("unknown_role", f"conversations[{i}].from is {who!r}; expected one of {expected}")
         converted.append({"role": SHAREGPT_ROLES[who], "content": t.get("value")})

@@ -6,12 +6,14 @@ checkpoint is a model path), checkpoints/{step}/, best.json, eval/. Process 0 wr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import pathlib
 import shutil
+import signal
 import time
 from typing import Any
 
@@ -21,12 +23,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxalign import model_io
-from jaxalign.checkpoint import RunCheckpointer, abstract_like
+from jaxalign import model_io, run_lock
+from jaxalign.checkpoint import NonFiniteModel, RunCheckpointer, abstract_like
 from jaxalign.config import save_config
 from jaxalign.data.iterator import make_iterator, to_global_arrays
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
+from jaxalign.preemption import PreemptionWatch
 from jaxalign.sharding import make_mesh, merged_rules, use_mesh
 from jaxalign.train.optimizer import build_optimizer
 from jaxalign.train.step import (
@@ -66,6 +69,11 @@ def check_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
     if resume and overwrite:
         raise JaxalignError("--resume and --overwrite exclude each other: continue the run in "
                             f"{run} or replace it, not both")
+    holder = run_lock.live_holder(run) if jax.process_count() == 1 and run.is_dir() else None
+    if holder:  # multi-host jobs learn it from run_lock.acquire_for_job: process 0 decides
+        raise JaxalignError(f"output dir {run} is in use by another run ({run_lock.describe(holder)}); wait for "
+                            f"it to finish or choose another output_dir (if it is known to be gone, delete "
+                            f"{run / run_lock.LOCK_FILE})")
     if (run / "config.yaml").exists() and not resume and not overwrite:
         raise JaxalignError(f"output dir {run} already holds a run; pass --resume to continue it or "
                             "--overwrite to replace it (or choose another output_dir)")
@@ -111,13 +119,24 @@ def check_model_source(cfg):
 def prepare_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
     """Create (or, with --overwrite, replace) the run dir and write the resolved config."""
     run = check_run_dir(cfg, resume, overwrite)
+    _barrier("jaxalign.prepare_run_dir.checked")  # multi-host: every process checked before process 0 writes
     if (run / "config.yaml").exists() and overwrite:
         if jax.process_index() == 0:
-            shutil.rmtree(run)
+            for child in run.iterdir():  # everything but the lock this run holds
+                if child.name != run_lock.LOCK_FILE:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     if jax.process_index() == 0:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
+    _barrier("jaxalign.prepare_run_dir.written")
     return run
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def load_model_and_tokenizer(cfg, mesh, rules, checked=None):
@@ -146,23 +165,36 @@ def run_tokenizer(cfg):
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per record) on process 0, plus TensorBoard when installed."""
+    """metrics.jsonl (one JSON object per record) on process 0, plus TensorBoard when installed.
+
+    The TensorBoard writer (a thread, a queue and an open event file) is opened on the first record
+    and closed by `close()` at the end of `Trainer.train`, so runs in one process do not pile them up."""
 
     def __init__(self, run: pathlib.Path):
         self.path = run / "metrics.jsonl"
         self.writer = None
-        if jax.process_index() == 0:
-            try:
-                from tensorboardX import SummaryWriter
-                self.writer = SummaryWriter(str(run / "tensorboard"))
-            except ImportError:
-                pass
+        self.tensorboard_dir = run / "tensorboard"
+
+    def _open_writer(self) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            self.tensorboard_dir = None
+            return
+        self.writer = SummaryWriter(str(self.tensorboard_dir))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def write(self, record: dict[str, Any]) -> None:
         if jax.process_index() != 0:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is None and self.tensorboard_dir is not None:
+            self._open_writer()
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -184,12 +216,21 @@ class Trainer:
     """Everything one run holds: mesh, model state, data iterators, compiled steps, checkpoints."""
 
     def __init__(self, cfg, *, resume: bool = False, overwrite: bool = False):
-        from jaxalign.data.pipeline import load_examples
-
         self.cfg = cfg
         # Every check that needs no weights runs before the run dir is written or anything compiles.
         check_run_dir(cfg, resume, overwrite)
         checked = check_model_source(cfg)
+        # One run per output dir: taken before anything in it is written or replaced.
+        self.lock = run_lock.acquire_for_job(pathlib.Path(cfg.output_dir))
+        try:
+            self._init(cfg, checked, resume, overwrite)
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def _init(self, cfg, checked, resume: bool, overwrite: bool) -> None:
+        from jaxalign.data.pipeline import load_examples
+
         self.run = prepare_run_dir(cfg, resume, overwrite)
         self.rules = merged_rules(dict(cfg.mesh.rules))
         self.mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
@@ -233,6 +274,10 @@ class Trainer:
         if resume:
             self.restore_latest()
 
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
     # --- set-up helpers ------------------------------------------------------------------------
 
     def planned_steps(self) -> int:
@@ -251,7 +296,9 @@ class Trainer:
         the log-probs with the data, so no second model is held during training."""
         from jaxalign.data.batching import dpo_batch
 
-        fn = jax.jit(lambda p, b: reference_logps(nnx.merge(self.graphdef, p), b, self.objective.chunk_size))
+        # Replicated output: every process reads all log-probs (multi-host: no non-addressable shards).
+        fn = jax.jit(lambda p, b: reference_logps(nnx.merge(self.graphdef, p), b, self.objective.chunk_size),
+                     out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
         for examples in (self.train_examples, self.eval_examples):
             bs = self.cfg.eval.batch_size
             for start in range(0, len(examples), bs):
@@ -278,7 +325,12 @@ class Trainer:
         """Checkpoint `step` asynchronously; with validation metrics, track the best in RUN/best.json."""
         meta = {"data_iterator": self.train_iter.state(), "seed": self.cfg.train.seed, "total_steps": self.total_steps}
         metrics = None if not eval_metrics else {k: v for k, v in eval_metrics.items() if k.startswith("eval/")}
-        self.ckpt.save(step, self.state.params, self.state.opt_state, meta, metrics)
+        try:
+            self.ckpt.save(step, self.state.params, self.state.opt_state, meta, metrics)
+        except NonFiniteModel as e:  # skipping more updates cannot repair the model: stop, whatever on_nonfinite
+            raise JaxalignError(f"{e}: a non-finite model is never saved or marked best; last good checkpoint: "
+                                f"{self.last_good_checkpoint()}. Lower optimizer.lr (or raise warmup), or check "
+                                "the data and the starting weights") from None
         self.last_saved = step
         name = self.ckpt.best_metric
         if metrics and name in metrics:
@@ -303,14 +355,42 @@ class Trainer:
         step, value = self.best
         path.write_text(json.dumps({"step": step, "metric": self.ckpt.best_metric, "value": value}))
 
+    def last_good_checkpoint(self) -> str:
+        """The newest complete checkpoint (after pending async writes finish), for error messages."""
+        self.ckpt.wait()
+        last = self.ckpt.latest_step()
+        return str(self.run / "checkpoints" / str(last)) if last is not None else "none"
+
     def restore_latest(self) -> None:
-        step = self.ckpt.latest_step()
-        if step is None:
+        """Continue from the newest checkpoint that restores. Newer ones that do not (a truncated file,
+        another architecture) are named in the log and moved to RUN/skipped_checkpoints/."""
+        steps = self.ckpt.all_steps()
+        if not steps:
             log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.run / "checkpoints")
             return
+        failures: list[tuple[int, str]] = []
         with use_mesh(self.mesh, self.rules):
-            params, opt_state, meta = self.ckpt.restore(step, abstract_like(self.state.params),
-                                                        abstract_like(self.state.opt_state))
+            for step in reversed(steps):
+                try:
+                    params, opt_state, meta = self.ckpt.restore(step, abstract_like(self.state.params),
+                                                                abstract_like(self.state.opt_state))
+                    if "data_iterator" not in meta:
+                        raise JaxalignError(f"checkpoint {self.run / 'checkpoints' / str(step)}: meta/ has no "
+                                            "data-iterator state")
+                    break
+                except JaxalignError as e:
+                    failures.append((step, str(e)))
+                    log.warning("--resume: skipping checkpoint %s: %s", self.run / "checkpoints" / str(step), e)
+            else:
+                raise JaxalignError(
+                    f"--resume: no checkpoint in {self.run / 'checkpoints'} restores onto this run's model:\n"
+                    + "\n".join(f"  {message}" for _, message in failures)
+                    + "\nMake model.config and the tokenizer match the run's config.yaml, or start over with "
+                    "--overwrite")
+        for bad, _ in failures:
+            moved = self.ckpt.quarantine(bad)
+            log.warning("--resume: fell back from checkpoint %d to %d; the skipped one was moved to %s",
+                        bad, step, moved)
         self.state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings.step),
                                 params=params, opt_state=opt_state)
         self.train_iter.restore(meta["data_iterator"])
@@ -362,7 +442,9 @@ class Trainer:
 
     def train(self, stop_after: int | None = None) -> dict[str, Any]:
         """Run to train.max_steps (or the planned epochs). `stop_after`: return after that step as a
-        preempted run would, with a checkpoint of it written; `--resume` then continues exactly."""
+        preempted run would, with a checkpoint of it written; `--resume` then continues exactly.
+        SIGTERM does the same after the current step (summary["preempted"]); on an error, pending
+        checkpoint writes complete before it propagates, and the run dir's lock is released."""
         cfg = self.cfg
         start = int(self.state.step)
         end = self.total_steps if stop_after is None else max(start, min(stop_after, self.total_steps))
@@ -372,7 +454,8 @@ class Trainer:
         t_last, tokens_since = time.perf_counter(), 0
         bar = tqdm(total=self.total_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True,
                    desc=f"{self.stage}")
-        with use_mesh(self.mesh, self.rules):
+        preempt, preempted_at = PreemptionWatch(), None
+        with use_mesh(self.mesh, self.rules), preempt, self._finish_on_error(bar):
             for step in range(start + 1, end + 1):
                 host = next(self.train_iter)
                 batch = to_global_arrays(host, self.mesh)
@@ -382,11 +465,10 @@ class Trainer:
                 if int(metrics["nonfinite"]):
                     nonfinite_steps += 1
                     if cfg.train.on_nonfinite == "stop":
-                        last = self.ckpt.latest_step()
                         raise JaxalignError(
                             f"non-finite loss or gradients at step {step} (epoch {self.train_iter.epoch}, batch "
                             f"{self.train_iter.step - 1} of the epoch); the update was not applied; last good "
-                            f"checkpoint: {self.run / 'checkpoints' / str(last) if last is not None else 'none'}")
+                            f"checkpoint: {self.last_good_checkpoint()}")
                     log.warning("step %d: non-finite loss or gradients; update skipped", step)
                 bar.update(1)
                 is_last = step == self.total_steps
@@ -404,20 +486,47 @@ class Trainer:
                 if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or is_last or (
                         cfg.checkpoint.save_at_epoch_end and epoch_end):
                     self.save(step, evaluated)
+                if preempt.requested() and step < end:  # every process stops at this same step
+                    log.warning("received %s: stopping after step %d", signal.Signals(preempt.received).name
+                                if preempt.received else "a stop signal on another process", step)
+                    end = preempted_at = step
+                    break
             if end < self.total_steps and end > start:
                 if pending:
                     self.log_train(end, pending, tokens_since, time.perf_counter() - t_last, nonfinite_steps)
                 if self.last_saved != end:
                     self.save(end)
         bar.close()
-        self.ckpt.close()
+        self.ckpt.close()  # waits for the async writes
         summary = {"steps": end, "nonfinite_steps": nonfinite_steps, **last_eval,
                    "best_checkpoint": str(model_io.resolve_model_path(self.run))}
         if end < self.total_steps:
             summary["stopped_at"] = end
+        if preempted_at is not None:
+            summary["preempted"] = True
+            log.warning("preempted: stopped after step %d with checkpoint %s written; continue with --resume",
+                        end, self.run / "checkpoints" / str(end))
         if jax.process_index() == 0:
             (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics_log.close()
+        self.release_lock()
         return summary
+
+    @contextlib.contextmanager
+    def _finish_on_error(self, bar):
+        """On any error in the loop: let pending checkpoint writes complete (so the last good checkpoint
+        is whole) and release the run dir's lock before the error propagates."""
+        try:
+            yield
+        except BaseException:
+            bar.close()
+            try:
+                self.ckpt.close()
+            except Exception:  # noqa: BLE001  (the original error matters more)
+                log.exception("while finishing checkpoint writes after an error")
+            self.metrics_log.close()
+            self.release_lock()
+            raise
 
     def log_train(self, step: int, pending: list[dict], tokens: int, seconds: float, nonfinite: int) -> dict:
         records = jax.device_get(pending)

@@ -1,0 +1,205 @@
+"""Multi-host training: 2 processes x 4 CPU devices (jax.distributed over localhost, gloo) run SFT then
+DPO (from the SFT run; stopped after step 2 and resumed from its checkpoint) and log the same per-step
+losses and eval metrics as 1 process x 8 devices (this pytest process, uninterrupted) on the same mesh.
+
+The two workers are this file run as a script (`python tests/test_multihost_train.py worker ...`); they
+join through the JAXALIGN_* environment that `jaxalign.distributed` reads, as `launch/gpu.sh` sets it.
+They share the run dirs (one filesystem, like a pod's shared bucket) but each has its own tokenized-data
+cache (a pod host's local disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+THIS = pathlib.Path(__file__).resolve()
+REPO = THIS.parents[1]
+STEPS, STOP_AT = 4, 2
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "tie_word_embeddings": True}
+
+
+def stage_configs(root: pathlib.Path, shared_data: pathlib.Path, cache: pathlib.Path) -> dict[str, dict]:
+    sft = {
+        "stage": "sft", "output_dir": str(root / "sft"),
+        "model": {"config": dict(TINY_LLAMA)},
+        "tokenizer": {"path": str(shared_data / "llama2-tokenizer.model"), "chat_template": "plain"},
+        # every axis spans both processes' devices in some way: data x fsdp x tensor = 2 x 2 x 2
+        "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
+        "data": {"train": str(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz"), "format": "preference",
+                 "sft_from_preference": True, "max_rows": 96, "eval_fraction": 0.1, "max_length": 128,
+                 "max_prompt_length": 64, "pad_to_multiple_of": 64, "on_bad_row": "skip",
+                 "cache_dir": str(cache)},
+        "train": {"batch_size": 8, "max_steps": STEPS, "eval_every": 0, "log_every": 1},
+        "eval": {"batch_size": 8},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 1},
+        "checkpoint": {"every_steps": 2, "keep": 2},
+    }
+    dpo = json.loads(json.dumps(sft))
+    dpo.update(stage="dpo", output_dir=str(root / "dpo"))
+    dpo["data"].update(sft_from_preference=False)
+    dpo["optimizer"]["lr"] = 1e-3
+    dpo["dpo"] = {"init_from": str(root / "sft"), "reference": "precomputed", "beta": 0.1}
+    return {"sft": sft, "dpo": dpo}
+
+
+def run_stages(root: pathlib.Path, shared_data: pathlib.Path, cache: pathlib.Path,
+               interrupt: tuple[str, ...] = ()) -> dict[str, dict]:
+    """SFT then DPO (the stages in `interrupt` stopped after STOP_AT and resumed from their checkpoint):
+    {stage: {"losses": {step: loss} from process 0's metrics.jsonl, "eval": final eval metrics}}."""
+    import jax
+
+    from jaxalign.config import load_config
+    from jaxalign.train.loop import Trainer
+
+    out = {}
+    for stage, cfg in stage_configs(root, shared_data, cache).items():
+        config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
+        trainer = Trainer(config)
+        if stage in interrupt:
+            first = trainer.train(stop_after=STOP_AT)
+            assert first["stopped_at"] == STOP_AT, first
+            trainer = Trainer(config, resume=True)
+            assert int(trainer.state.step) == STOP_AT
+        summary = trainer.train()
+        run = pathlib.Path(cfg["output_dir"])
+        losses, evals = {}, {}
+        if jax.process_index() == 0:  # the file process 0 wrote: one record per step (asserted)
+            for line in (run / "metrics.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                if "loss" in record:
+                    assert record["step"] not in losses, f"{stage}: step {record['step']} logged twice"
+                    losses[record["step"]] = record["loss"]
+        evals = {k: v for k, v in summary.items() if k.startswith("eval/")}
+        out[stage] = {"losses": losses, "eval": evals, "steps": summary["steps"]}
+    return out
+
+
+def worker(process_id: int, port: int, root: str, shared_data: str) -> None:
+    os.environ.update({"JAXALIGN_COORDINATOR": f"localhost:{port}", "JAXALIGN_NUM_PROCESSES": "2",
+                       "JAXALIGN_PROCESS_ID": str(process_id)})
+    import jax
+
+    from jaxalign.distributed import initialize_from_args_or_env
+
+    assert initialize_from_args_or_env()
+    assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+    root_path = pathlib.Path(root)
+    # Each process's own compilation cache: the resumed trainer reuses the first one's programs.
+    jax.config.update("jax_compilation_cache_dir", str(root_path / f"xla-cache-{process_id}"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    result = run_stages(root_path / "runs", pathlib.Path(shared_data), root_path / f"cache-{process_id}",
+                        interrupt=("dpo",))
+    (root_path / f"result-{process_id}.json").write_text(json.dumps(result))
+    jax.distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_sft_and_dpo_like_one(tmp_path, shared_data):
+    import jax
+    import pytest
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO)}
+    for name in ("JAXALIGN_COORDINATOR", "JAXALIGN_NUM_PROCESSES", "JAXALIGN_PROCESS_ID"):
+        env.pop(name, None)
+    port = _free_port()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, str(THIS), "worker", str(i), str(port), str(tmp_path / "multi"),
+                               str(shared_data)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    # The single-process reference runs meanwhile, here: 1 process x 8 devices, same mesh.
+    assert jax.process_count() == 1 and jax.device_count() == 8
+    ref = run_stages(tmp_path / "single" / "runs", shared_data, tmp_path / "single" / "cache")
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("multi-host workers timed out:\n" + "\n".join(p.communicate()[0] or "" for p in procs))
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i}:\n{out[-6000:]}"
+    elapsed = time.perf_counter() - t0
+    got = [json.loads((tmp_path / "multi" / f"result-{i}.json").read_text()) for i in range(2)]
+
+    for stage in ("sft", "dpo"):
+        assert "eval/loss" in ref[stage]["eval"], ref[stage]
+        want = {int(k): v for k, v in ref[stage]["losses"].items()}
+        assert sorted(want) == list(range(1, STEPS + 1)), ref[stage]
+        losses = {int(k): v for k, v in got[0][stage]["losses"].items()}
+        assert sorted(losses) == sorted(want), (stage, losses)
+        for step in want:
+            assert abs(losses[step] - want[step]) <= 1e-5, (stage, step, losses[step], want[step])
+        for g in got:  # every process computed the same global eval metrics
+            assert g[stage]["steps"] == STEPS
+            for key, value in ref[stage]["eval"].items():
+                # summed log-probs (~ -400) differ in float32 rounding only: relative 1e-6
+                assert g[stage]["eval"][key] == pytest.approx(value, rel=1e-6, abs=1e-5), (stage, key)
+    # Shared files written once, by process 0; both stages' checkpoints restorable as models.
+    runs = tmp_path / "multi" / "runs"
+    for stage in ("sft", "dpo"):
+        assert (runs / stage / "config.yaml").is_file() and (runs / stage / "summary.json").is_file()
+        assert sorted(int(p.name) for p in (runs / stage / "checkpoints").iterdir() if p.name.isdigit())[-1] == STEPS
+    print(f"2x4 processes + 1x8 reference: {elapsed:.1f}s")
+
+
+# --- where the process group comes from (no processes started) ---------------------------------------
+
+def test_process_group_from_flags_environment_and_slurm():
+    import pytest
+
+    from jaxalign.distributed import ProcessGroup, first_slurm_host, resolve_process_group
+    from jaxalign.errors import JaxalignError
+
+    assert resolve_process_group(environ={}) is None  # one process: nothing to join
+    assert resolve_process_group("h:1", 1, 0, environ={}) is None
+    assert resolve_process_group("h:1234", 4, 3, environ={"JAXALIGN_PROCESS_ID": "0"}) == \
+        ProcessGroup("flags", "h:1234", 4, 3)  # flags win over the environment
+    env = {"JAXALIGN_COORDINATOR": "10.0.0.2:8476", "JAXALIGN_NUM_PROCESSES": "2", "JAXALIGN_PROCESS_ID": "1"}
+    assert resolve_process_group(environ=env) == ProcessGroup("environment", "10.0.0.2:8476", 2, 1)
+    slurm = {"SLURM_JOB_ID": "4097", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_NODES": "4",
+             "SLURM_STEP_NODELIST": "gpu[007-010]", "SLURM_LOCALID": "0"}
+    group = resolve_process_group(environ=slurm)
+    assert group == ProcessGroup("SLURM", "gpu007:61441", 4, 3, None)  # one task per node: all its GPUs
+    group = resolve_process_group(environ={**slurm, "SLURM_NTASKS": "16", "SLURM_LOCALID": "2"})
+    assert group.local_device_ids == (2,)  # 4 tasks per node: one GPU each
+    assert resolve_process_group(environ={**slurm, "SLURM_NTASKS": "1"}) is None
+    assert first_slurm_host("node[001,007-015],host2") == "node001" and first_slurm_host("a1,b2") == "a1"
+    with pytest.raises(JaxalignError, match="missing --process-id"):
+        resolve_process_group("h:1", 2, None, environ={})
+    with pytest.raises(JaxalignError, match="HOST:PORT"):
+        resolve_process_group("h", 2, 0, environ={})
+    with pytest.raises(JaxalignError, match="not in 0..1"):
+        resolve_process_group("h:1", 2, 2, environ={})
+    with pytest.raises(JaxalignError, match="must be integers"):
+        resolve_process_group(environ={**env, "JAXALIGN_NUM_PROCESSES": "two"})
+
+
+def test_cli_flags():
+    import argparse
+
+    from jaxalign.distributed import add_distributed_args
+
+    parser = argparse.ArgumentParser()
+    add_distributed_args(parser)
+    args = parser.parse_args(["--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"])
+    assert (args.coordinator, args.num_processes, args.process_id) == ("h:1", 2, 1)
+    args = parser.parse_args([])
+    assert (args.coordinator, args.num_processes, args.process_id) == (None, None, None)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
+    worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
