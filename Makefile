@@ -3,12 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# 8 virtual CPU devices so every sharding path runs on a laptop or CI box; the concurrency-optimized
-# CPU scheduler is off because it can deadlock collectives of virtual devices, and the collective
-# timeout is raised for loaded 2-core machines (see tests/conftest.py).
-TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false \
-	--xla_cpu_collective_call_terminate_timeout_seconds=600" \
-	JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
+# 8 virtual CPU devices so every sharding path runs on a laptop or CI box.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
 
 .PHONY: venv test demo clean-demo clean
 
