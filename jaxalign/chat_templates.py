@@ -25,7 +25,6 @@ import datetime
 import functools
 import json
 import logging
-import os
 from typing import Any, Protocol, Sequence
 
 import jinja2
@@ -33,6 +32,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from jaxalign import paths
 from jaxalign.errors import JaxalignError
 
 logger = logging.getLogger(__name__)
@@ -203,9 +203,9 @@ def resolve_chat_template(spec: str, own_template: str | None, tokenizer: _Templ
     if "{{" in spec or "{%" in spec:
         return spec, "inline template"
     if spec.endswith(".jinja"):
-        if not os.path.isfile(spec):
+        if not paths.isfile(spec):
             raise JaxalignError(f"chat_template file {spec!r} does not exist (expected a Jinja file)")
-        with open(spec, encoding="utf-8") as f:
+        with paths.as_path(spec).open(encoding="utf-8") as f:
             return f.read(), spec
     if spec.lower() in BUILTIN_TEMPLATES:
         return _builtin(spec.lower(), tokenizer), spec.lower()

@@ -30,7 +30,7 @@ import re
 import shutil
 from typing import Any, Sequence
 
-from jaxalign import chat_templates
+from jaxalign import chat_templates, paths
 from jaxalign.errors import JaxalignError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 Offsets = list[tuple[int, int]]
 
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt")
+# Left out of a tokenizer download: a model dir at a URL is also its tokenizer dir.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -51,20 +53,26 @@ def load_tokenizer(path: str, chat_template: str = "", trust_remote_code: bool =
     """
     path = os.fspath(path)
     expected = "an HF tokenizer directory (tokenizer.json / tokenizer_config.json) or a SentencePiece .model file"
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise JaxalignError(f"tokenizer path {path!r} does not exist; expected {expected}")
-    if os.path.isfile(path):
-        if not path.endswith(".model"):
-            raise JaxalignError(f"tokenizer path {path!r} is a file but not a SentencePiece .model; expected {expected}")
-        tok: Tokenizer = SentencePieceTokenizer(path)
-    elif _is_sentencepiece_dir(path):
-        tok = SentencePieceTokenizer(os.path.join(path, "tokenizer.model"), config_dir=path)
-    elif any(os.path.exists(os.path.join(path, f)) for f in _HF_FILES):
-        tok = HFTokenizer(path, trust_remote_code=trust_remote_code)
+    if paths.isfile(path) and not path.endswith(".model"):
+        raise JaxalignError(f"tokenizer path {path!r} is a file but not a SentencePiece .model; expected {expected}")
+    # sentencepiece and transformers read local files only: a URL is downloaded, without model weights
+    local = str(paths.local_copy(path, keep=_not_weights)) if paths.is_remote(path) else path
+    if os.path.isfile(local):
+        tok: Tokenizer = SentencePieceTokenizer(local)
+    elif _is_sentencepiece_dir(local):
+        tok = SentencePieceTokenizer(os.path.join(local, "tokenizer.model"), config_dir=local)
+    elif any(os.path.exists(os.path.join(local, f)) for f in _HF_FILES):
+        tok = HFTokenizer(local, trust_remote_code=trust_remote_code)
     else:
         raise JaxalignError(f"tokenizer directory {path!r} has no tokenizer files; expected {expected}")
     tok.set_chat_template(chat_template)
     return tok
+
+
+def _not_weights(name: str) -> bool:
+    return not name.endswith(_WEIGHT_SUFFIXES)
 
 
 def _is_sentencepiece_dir(path: str) -> bool:

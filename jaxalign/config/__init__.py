@@ -28,6 +28,7 @@ from jaxalign.config.schema import (
     iter_sections,
 )
 from jaxalign.errors import JaxalignError
+from jaxalign.paths import as_path, isfile, write_text_atomic
 
 __all__ = [
     "SCHEMA", "Field", "default_config", "load_config", "apply_overrides", "validate",
@@ -83,12 +84,9 @@ def validate(cfg: ConfigDict | Mapping) -> ConfigDict:
 def save_config(cfg: ConfigDict | Mapping, path: str | os.PathLike) -> str:
     """Write the config as YAML (schema order) that `load_config` reads back equal."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    as_path(path).parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("# jaxalign resolved config\n" + text)
-    os.replace(tmp, path)
+    write_text_atomic(path, "# jaxalign resolved config\n" + text)
     return path
 
 
@@ -141,10 +139,10 @@ def _from_cfg(cfg: ConfigDict | Mapping) -> dict:
 
 
 def _read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
+    if not isfile(path):
         raise JaxalignError(f"config file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with as_path(path).open(encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise JaxalignError(

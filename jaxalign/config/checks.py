@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from jaxalign.paths import is_remote
+
 log = logging.getLogger("jaxalign.config")
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -50,6 +52,8 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
         errors.append(("data.eval_fraction", "set either data.eval or data.eval_fraction, not both"))
     need(d["pad_to_multiple_of"] >= 1, "data.pad_to_multiple_of", "must be >= 1")
     need(d["max_rows"] >= 0, "data.max_rows", "must be >= 0 (0 = all rows)")
+    need(not is_remote(d["cache_dir"]), "data.cache_dir",
+         "must be a local directory (datasets memory-maps the tokenized cache from local disk)")
     if c["stage"] == "dpo":
         need(d["format"] in ("auto", "preference"), "data.format",
              "must be 'auto' or 'preference' for stage dpo (DPO trains on chosen/rejected pairs)")

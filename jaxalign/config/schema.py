@@ -88,7 +88,8 @@ SCHEMA: dict[str, Any] = {
         "pad_to_multiple_of": F(64, "pad sequence lengths up to a multiple of this (fewer recompiles)"),
         "shuffle": F(True, "shuffle training rows each epoch (seeded by train.seed)"),
         "on_bad_row": F("error", "what to do with a malformed row", ("error", "skip")),
-        "cache_dir": F("", "where tokenized data is cached; '' = output_dir/cache"),
+        "cache_dir": F("", "where tokenized data is cached (local); '' = output_dir/cache, or "
+                     "~/.cache/jaxalign when output_dir is a URL"),
         "sft_from_preference": F(False, "SFT on the chosen side of preference rows"),
         "max_rows": F(0, "read at most this many rows per source; 0 = all"),
     },

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 from typing import Any
 
 import jax
 
+from jaxalign import paths
 from jaxalign.data.sources import load_rows, split_train_eval
 from jaxalign.data.tokenize import DataStats, resolve_cache_dir, tokenize_dataset
 
@@ -20,7 +20,7 @@ def _examples(ds) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in ds.to_list()]
 
 
-def load_examples(cfg, tokenizer, run_dir: str | pathlib.Path | None = None,
+def load_examples(cfg, tokenizer, run_dir: paths.PathLike | None = None,
                   stage: str | None = None) -> tuple[list[dict], list[dict], dict[str, DataStats]]:
     """(train examples, held-out examples, stats by split) for `stage` (default cfg.stage).
 
@@ -48,6 +48,6 @@ def load_examples(cfg, tokenizer, run_dir: str | pathlib.Path | None = None,
     for split, s in stats.items():
         log.info("%s data: %s", split, s.summary())
     if run_dir is not None and jax.process_index() == 0:
-        path = pathlib.Path(run_dir) / "data_stats.json"
+        path = paths.as_path(run_dir) / "data_stats.json"
         path.write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=2, default=str))
     return _examples(train_ds), eval_examples, stats

@@ -1,7 +1,8 @@
-"""Read rows from local files, `save_to_disk` dirs or the hub into a `datasets.Dataset`.
+"""Read rows from files, `save_to_disk` dirs or the hub into a `datasets.Dataset`.
 
     ds = load_rows("data/train.jsonl.gz")          # also .json, .parquet, .csv (+ .gz/.bz2/.xz)
     ds = load_rows("data/*.jsonl", max_rows=1000)  # a glob, a dir of data files, a saved dir, a hub id
+    ds = load_rows("gs://bucket/data/*.jsonl")     # files and dirs may be URLs (see jaxalign.paths)
     train, held_out = split_train_eval(ds, 0.05, seed=0)
 
 Every returned dataset carries two bookkeeping columns that data errors quote as FILE:ROW:
@@ -15,17 +16,18 @@ reports invalid UTF-8 or a malformed line without saying which file or line it w
 from __future__ import annotations
 
 import bz2
-import glob as globlib
+import contextlib
 import gzip
 import json
 import lzma
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import datasets
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.errors import JaxalignError
 
 _COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -48,13 +50,13 @@ def load_rows(
         return _concat(parts, ", ".join(map(str, path_or_name)))
     name = os.path.expanduser(os.fspath(path_or_name))
     if any(c in name for c in "*?["):
-        files = sorted(f for f in globlib.glob(name) if os.path.isfile(f))
+        files = [f for f in paths.glob(name) if paths.isfile(f)]
         if not files:
             raise JaxalignError(f"data: no files match {name!r}")
         ds = _concat([_load_file(f, cache_dir) for f in files], name)
-    elif os.path.isfile(name):
+    elif paths.isfile(name):
         ds = _load_file(name, cache_dir)
-    elif os.path.isdir(name):
+    elif paths.isdir(name):
         ds = _load_dir(name, split, cache_dir)
     elif _looks_like_path(name):
         raise JaxalignError(f"data file {name!r} does not exist")
@@ -108,7 +110,7 @@ def _load_file(path: str, cache_dir: str | None) -> datasets.Dataset:
         )
     rows = _check_json(path, compression) if builder == "json" else None
     try:
-        ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+        ds = datasets.load_dataset(builder, data_files=_local(path), split="train", cache_dir=cache_dir)
     except Exception as e:  # datasets/arrow raise many types; name the file whatever it was
         raise JaxalignError(f"data file {path!r} could not be read: {type(e).__name__}: {e}") from e
     if len(ds) == 0:
@@ -124,10 +126,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     Invalid UTF-8, malformed JSON and non-object lines are errors naming file and line.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise JaxalignError(f"data file not found: {path}")
-    opener = _COMPRESSION.get(_data_kind(path)[1], open)
-    with opener(path, "rb") as f:
+    with _open_binary(path, _data_kind(path)[1]) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -144,18 +145,28 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, row
 
 
+@contextlib.contextmanager
+def _open_binary(path: str, compression: str) -> Iterator[IO[bytes]]:
+    """The file's bytes, decompressed by suffix; `path` may be a URL."""
+    with paths.as_path(path).open("rb") as raw:
+        if compression not in _COMPRESSION:
+            yield raw
+            return
+        with _COMPRESSION[compression](raw, "rb") as f:
+            yield f
+
+
 def _check_json(path: str, compression: str) -> list[int]:
     """Validate a JSON Lines or JSON-array file; return the 1-based line number of each row."""
-    opener = _COMPRESSION.get(compression, open)
-    with opener(path, "rb") as f:
+    with _open_binary(path, compression) as f:
         first = f.read(64).lstrip()
     if first.startswith(b"["):
-        return _check_json_array(path, opener)
+        return _check_json_array(path, compression)
     return [lineno for lineno, _ in iter_jsonl(path)]
 
 
-def _check_json_array(path: str, opener) -> list[int]:
-    with opener(path, "rb") as f:
+def _check_json_array(path: str, compression: str) -> list[int]:
+    with _open_binary(path, compression) as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
@@ -173,10 +184,11 @@ def _check_json_array(path: str, opener) -> list[int]:
 
 
 def _load_dir(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
-    is_saved = any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+    directory = paths.as_path(path)
+    is_saved = any((directory / f).is_file() for f in ("state.json", "dataset_dict.json"))
     if is_saved:
         try:
-            ds = datasets.load_from_disk(path)
+            ds = datasets.load_from_disk(_local(path))
         except Exception as e:
             raise JaxalignError(f"dataset dir {path!r} could not be read: {type(e).__name__}: {e}") from e
         if isinstance(ds, datasets.DatasetDict):
@@ -185,14 +197,19 @@ def _load_dir(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
             ds, path = ds[split], f"{path}[{split}]"
         return _tag(ds, path)
     files = sorted(
-        os.path.join(path, f) for f in os.listdir(path)
-        if os.path.isfile(os.path.join(path, f)) and _data_kind(f)[0] is not None
+        os.path.join(path, f.name) for f in directory.iterdir()
+        if f.is_file() and _data_kind(f.name)[0] is not None
     )
     if not files:
         raise JaxalignError(
             f"data dir {path!r} has neither a save_to_disk dataset nor .jsonl/.json/.parquet/.csv files"
         )
     return _concat([_load_file(f, cache_dir) for f in files], path)
+
+
+def _local(path: str) -> str:
+    """`path`, or a download of it when it is a URL: datasets reads local files only."""
+    return str(paths.local_copy(path)) if paths.is_remote(path) else path
 
 
 def _looks_like_path(name: str) -> bool:

@@ -26,7 +26,8 @@ Rules (the TRL semantics in REFERENCE-SEMANTICS.md, minus its known bugs):
 Cache: one arrow file per (rows fingerprint, tokenizer fingerprint, chat template, settings,
 code version) under `cache_dir/tokenized/`; a second run with the same inputs reads it back
 without tokenizing. `resolve_cache_dir(cfg)` gives data.cache_dir or, when that is '',
-`output_dir/cache` (the schema's rule); with no config at all, ~/.cache/jaxalign.
+`output_dir/cache` (the schema's rule); with no config at all, or an output_dir that is a URL,
+~/.cache/jaxalign.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from jaxalign.data.formats import (
 )
 from jaxalign.data.preference import Preference, normalize_preference_row, preference_to_sft
 from jaxalign.errors import JaxalignError
+from jaxalign.paths import is_remote
 from jaxalign.tokenizer import Tokenizer, char_spans_to_token_mask
 
 log = logging.getLogger(__name__)
@@ -364,8 +366,11 @@ def _collect(mapped: datasets.Dataset, from_cache: bool) -> tuple[datasets.Datas
 
 
 def resolve_cache_dir(cfg: Mapping[str, Any]) -> str:
-    """data.cache_dir, or output_dir/cache when it is '' (the schema's rule)."""
-    return cfg["data"]["cache_dir"] or os.path.join(cfg["output_dir"], "cache")
+    """data.cache_dir, or output_dir/cache when it is '' (the schema's rule); the local default cache
+    when output_dir is a URL, since datasets memory-maps the cache from local disk."""
+    if cfg["data"]["cache_dir"]:
+        return cfg["data"]["cache_dir"]
+    return DEFAULT_CACHE_DIR if is_remote(cfg["output_dir"]) else os.path.join(cfg["output_dir"], "cache")
 
 
 def tokenizer_fingerprint(tok: Tokenizer) -> str | None:
