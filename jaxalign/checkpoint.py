@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -25,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxalign import paths
 from jaxalign.errors import JaxalignError
+from jaxalign.paths import Path, PathLike
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ def _best_metric(metrics: dict[str, float], name: str) -> float:
 class RunCheckpointer:
     """Save and restore train state plus metadata; retention by recency and validation metric."""
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, best_metric: str | None = None,
+    def __init__(self, directory: PathLike, *, keep: int = 3, best_metric: str | None = None,
                  best_mode: str = "min", async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.absolute(directory)
         self.best_metric, self.best_mode = best_metric, best_mode
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         if best_metric:
@@ -95,7 +95,7 @@ class RunCheckpointer:
             raise JaxalignError(mismatch_message(where, saved_tensors(where / "params"), abstract_params, e)) from e
         return out["params"], out["opt_state"], out["meta"]
 
-    def quarantine(self, step: int) -> pathlib.Path | None:
+    def quarantine(self, step: int) -> Path | None:
         """Move step dir `step` to RUN/skipped_checkpoints/ (process 0) and forget it: kept for a
         post-mortem, out of the way of retention, resume and a later save of the same step."""
         src = self.directory / str(step)
@@ -107,7 +107,7 @@ class RunCheckpointer:
             n = 1
             while dest.exists():
                 dest, n = root / f"{step}.{n}", n + 1
-            shutil.move(str(src), str(dest))
+            paths.move(src, dest)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -174,10 +174,10 @@ def tree_differences(saved: Any, wanted: Any, limit: int = 6) -> list[str]:
     return diffs
 
 
-def saved_tensors(params_dir: pathlib.Path) -> Any:
+def saved_tensors(params_dir: Path) -> Any:
     """Orbax's metadata (names, shapes) of the tensors saved in `params_dir`; None when unreadable."""
     try:
-        return ocp.StandardCheckpointHandler().metadata(params_dir.absolute())
+        return ocp.StandardCheckpointHandler().metadata(paths.absolute(params_dir))
     except Exception:  # noqa: BLE001  (unreadable: the caller says the checkpoint is corrupt)
         return None
 

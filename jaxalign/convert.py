@@ -25,6 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors import safe_open
 
+from jaxalign import paths
 from jaxalign.errors import JaxalignError
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.llama import layer_shapes
@@ -130,6 +131,11 @@ def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 # --- reading ----------------------------------------------------------------------------------
 
+def is_hf_model_file(name: str) -> bool:
+    """The files reading a HF model dir needs (the rest, e.g. *.bin duplicates, is not downloaded)."""
+    return name.endswith((".safetensors", ".json"))
+
+
 def safetensors_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
     """HF tensor name -> the safetensors file holding it (via the index when the model is sharded)."""
     hf_dir = pathlib.Path(hf_dir)
@@ -157,7 +163,7 @@ def safetensors_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
     return files
 
 
-def dir_listing(directory: pathlib.Path, limit: int = 20) -> str:
+def dir_listing(directory: paths.Path, limit: int = 20) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
     if not names:
         return "nothing, the directory is empty"
@@ -276,14 +282,14 @@ def load_hf_state(hf_dir: str | pathlib.Path, cfg: ModelConfig, shardings: nnx.S
         return jax.tree_util.tree_map_with_path(one, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def hf_source_dtype(hf_dir: str | pathlib.Path) -> str:
+def hf_source_dtype(hf_dir: paths.PathLike) -> str:
     """The dtype a HF checkpoint was saved in: config.json's `dtype`/`torch_dtype`, else the embedding's."""
-    hf = json.loads((pathlib.Path(hf_dir) / "config.json").read_text())
+    hf = json.loads((paths.as_path(hf_dir) / "config.json").read_text())
     name = hf.get("dtype") or hf.get("torch_dtype")
     if isinstance(name, str) and name in _ST_CODES:
         return name
-    files = safetensors_files(hf_dir)
-    with ExitStack() as stack:
+    with paths.downloaded(hf_dir, keep=is_hf_model_file) as local, ExitStack() as stack:
+        files = safetensors_files(local)
         reader = _Reader({"model.embed_tokens.weight": files["model.embed_tokens.weight"]}, stack)
         return reader.dtype("model.embed_tokens.weight")
 
@@ -395,8 +401,8 @@ def generation_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-def save_hf(state_or_model: Any, cfg: ModelConfig, out_dir: str | pathlib.Path, tokenizer: Any = None,
-            dtype: Any = None, max_shard_bytes: int = 5 * 2**30) -> list[pathlib.Path]:
+def save_hf(state_or_model: Any, cfg: ModelConfig, out_dir: paths.PathLike, tokenizer: Any = None,
+            dtype: Any = None, max_shard_bytes: int = 5 * 2**30) -> list[paths.Path]:
     """Write a HF model directory (config, generation config, safetensors, optional tokenizer).
 
     `state_or_model` is a Decoder, its nnx.State or the pure dict of its params; `dtype` defaults to
@@ -406,7 +412,7 @@ def save_hf(state_or_model: Any, cfg: ModelConfig, out_dir: str | pathlib.Path, 
     params = _pure_params(state_or_model)
     dtype_name = _dtype_name(dtype if dtype is not None else _get(params, ("embed",)).dtype)
     np_dtype = np.dtype(jnp.dtype(dtype_name))
-    out_dir = pathlib.Path(out_dir)
+    out_dir = paths.as_path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise JaxalignError(f"output directory {out_dir} is not empty (holds: {dir_listing(out_dir)}); "
                             "choose a new or empty directory")
@@ -417,7 +423,7 @@ def save_hf(state_or_model: Any, cfg: ModelConfig, out_dir: str | pathlib.Path, 
     names = ([SINGLE_FILE] if len(files) == 1 else
              [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))])
     for file_name, tensors in zip(names, files):
-        with open(out_dir / file_name, "wb") if writer else nullcontext() as f:
+        with (out_dir / file_name).open("wb") if writer else nullcontext() as f:
             if writer:
                 f.write(_safetensors_header(tensors, dtype_name))
             for t in tensors:  # all processes take part in each gather
@@ -436,7 +442,8 @@ def save_hf(state_or_model: Any, cfg: ModelConfig, out_dir: str | pathlib.Path, 
         (out_dir / "generation_config.json").write_text(json.dumps(generation_config_dict(cfg), indent=2) + "\n")
         written += [out_dir / "config.json", out_dir / "generation_config.json"]
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(out_dir))
+            with paths.local_dir_for(out_dir) as local:
+                tokenizer.save_pretrained(str(local))
     if jax.process_count() > 1:  # nobody reads the directory before process 0 has finished it
         multihost_utils.sync_global_devices("jaxalign.convert.save_hf")
     return written

@@ -5,6 +5,8 @@ A jaxalign model checkpoint directory holds:
     params/               Orbax checkpoint of the parameters as a pure dict (nnx.to_pure_dict)
     tokenizer/            tokenizer files (optional)
 Params restore straight onto any mesh: Orbax reads each device's block for the target sharding.
+Paths may be URLs (gs://...): Orbax reads those itself; a Hugging Face directory at a URL is
+downloaded (config, safetensors) to local disk first, since safetensors are memory-mapped.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,10 +23,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from jaxalign import paths
 from jaxalign.checkpoint import mismatch_message, saved_tensors
-from jaxalign.convert import dir_listing, hf_source_dtype, load_hf_state
+from jaxalign.convert import dir_listing, hf_source_dtype, is_hf_model_file, load_hf_state
 from jaxalign.errors import JaxalignError
-from jaxalign.models import Decoder, ModelConfig, abstract_model, load_hf_config
+from jaxalign.models import Decoder, ModelConfig, abstract_model
+from jaxalign.paths import Path, PathLike
 
 MODEL_FILE = "jaxalign_model.json"
 RUN_MODEL_DIR = "model"  # RUN/model/: the run's model description and tokenizer
@@ -41,13 +43,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
-def resolve_model_path(path: str | pathlib.Path) -> pathlib.Path:
+def resolve_model_path(path: PathLike) -> Path:
     """The model directory a user-given path stands for.
 
     Accepted: a Hugging Face model dir, a jaxalign model checkpoint, a training run dir (its best
     checkpoint by validation, else its latest), or one step dir of a run (RUN/checkpoints/{step}).
     """
-    path = pathlib.Path(path).expanduser()
+    path = paths.as_path(path).expanduser()
     if not path.exists():
         raise JaxalignError(f"model path {path} does not exist")
     if not path.is_dir():
@@ -58,7 +60,7 @@ def resolve_model_path(path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def run_checkpoint(run_dir: pathlib.Path, which: str = "best") -> pathlib.Path:
+def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
     """RUN/checkpoints/{step}: the best by validation (RUN/best.json) when `which` is "best" and
     one is recorded, else the latest complete step."""
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()
@@ -73,7 +75,7 @@ def run_checkpoint(run_dir: pathlib.Path, which: str = "best") -> pathlib.Path:
     return run_dir / "checkpoints" / str(steps[-1])
 
 
-def _meta_dir(path: pathlib.Path) -> pathlib.Path:
+def _meta_dir(path: Path) -> Path:
     """Where MODEL_FILE and the tokenizer live: the checkpoint itself, or RUN/model/ for a step dir."""
     if (path / MODEL_FILE).is_file():
         return path
@@ -83,7 +85,7 @@ def _meta_dir(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def detect_model_format(path: str | pathlib.Path) -> str:
+def detect_model_format(path: PathLike) -> str:
     """"hf" (config.json) or "jaxalign" (jaxalign_model.json)."""
     path = resolve_model_path(path)
     if (_meta_dir(path) / MODEL_FILE).is_file():
@@ -95,7 +97,7 @@ def detect_model_format(path: str | pathlib.Path) -> str:
         f"model checkpoint ({MODEL_FILE} + {PARAMS_DIR}/); it contains: {dir_listing(path)}")
 
 
-def _read_meta(path: pathlib.Path) -> dict[str, Any]:
+def _read_meta(path: Path) -> dict[str, Any]:
     meta = json.loads((_meta_dir(path) / MODEL_FILE).read_text())
     version = meta.get("format_version")
     if meta.get("format") != FORMAT_NAME or not isinstance(version, int) or version > FORMAT_VERSION:
@@ -105,7 +107,7 @@ def _read_meta(path: pathlib.Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _readable(path: pathlib.Path):
+def _readable(path: Path):
     """Turn a library's error on a damaged file (truncated safetensors, broken JSON) into a JaxalignError
     naming the model directory."""
     try:
@@ -118,15 +120,16 @@ def _readable(path: pathlib.Path):
                             f"{detail}") from e
 
 
-def load_model_config(path: str | pathlib.Path) -> ModelConfig:
+def load_model_config(path: PathLike) -> ModelConfig:
     path = resolve_model_path(path)
     with _readable(path):
         if detect_model_format(path) == "hf":
-            return load_hf_config(path)
+            config = path / "config.json"  # detect_model_format found it
+            return ModelConfig.from_hf_dict(json.loads(config.read_text()), source=str(config))
         return ModelConfig.from_dict(_read_meta(path)["model_config"])
 
 
-def source_dtype(path: str | pathlib.Path) -> str | None:
+def source_dtype(path: PathLike) -> str | None:
     """The dtype the model was originally published in (what an HF export writes by default)."""
     path = resolve_model_path(path)
     with _readable(path):
@@ -135,7 +138,7 @@ def source_dtype(path: str | pathlib.Path) -> str | None:
         return _read_meta(path).get("source_dtype")
 
 
-def load_model(path: str | pathlib.Path, mesh: Mesh, rules: Mapping[str, Any] | None = None,
+def load_model(path: PathLike, mesh: Mesh, rules: Mapping[str, Any] | None = None,
                **options: Any) -> Decoder:
     """A Decoder with the weights at `path`, each parameter placed sharded over `mesh`.
 
@@ -146,14 +149,14 @@ def load_model(path: str | pathlib.Path, mesh: Mesh, rules: Mapping[str, Any] | 
     cfg = load_model_config(path)
     graphdef, abstract, shardings = abstract_model(cfg, mesh, rules, **options)
     if detect_model_format(path) == "hf":
-        with _readable(path):
-            state = load_hf_state(path, cfg, shardings, options.get("param_dtype", "float32"))
+        with _readable(path), paths.downloaded(path, keep=is_hf_model_file) as local:
+            state = load_hf_state(local, cfg, shardings, options.get("param_dtype", "float32"))
     else:
         state = _restore_params(path, abstract, shardings)
     return nnx.merge(graphdef, state)
 
 
-def _restore_params(path: pathlib.Path, abstract: nnx.State, shardings: nnx.State) -> nnx.State:
+def _restore_params(path: Path, abstract: nnx.State, shardings: nnx.State) -> nnx.State:
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise JaxalignError(f"{path}: no {PARAMS_DIR}/ directory (found: {dir_listing(path)})")
@@ -162,7 +165,7 @@ def _restore_params(path: pathlib.Path, abstract: nnx.State, shardings: nnx.Stat
                           nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(params_dir.absolute(), target)
+            restored = ckptr.restore(paths.absolute(params_dir), target)
     except Exception as e:  # Orbax/TensorStore raise many types: say what differs, or that it is corrupt
         raise JaxalignError(mismatch_message(path, saved_tensors(params_dir), target, e)
                             + f" (the model is described by {_meta_dir(path) / MODEL_FILE})") from e
@@ -170,14 +173,14 @@ def _restore_params(path: pathlib.Path, abstract: nnx.State, shardings: nnx.Stat
     return abstract
 
 
-def save_model_checkpoint(model: Decoder, out_dir: str | pathlib.Path, tokenizer: Any = None,
-                          source_dtype: str | None = None) -> pathlib.Path:
+def save_model_checkpoint(model: Decoder, out_dir: PathLike, tokenizer: Any = None,
+                          source_dtype: str | None = None) -> Path:
     """Write `model` as a jaxalign model checkpoint (every process must call this; process 0 writes files).
 
     `tokenizer` is anything with `save_pretrained(dir)`; `source_dtype` is the dtype of the HF
     checkpoint the weights came from, so an export writes that dtype again.
     """
-    out_dir = pathlib.Path(out_dir).absolute()
+    out_dir = paths.absolute(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise JaxalignError(f"output directory {out_dir} is not empty (holds: {dir_listing(out_dir)}); "
                             "choose a new or empty directory")
@@ -192,23 +195,24 @@ def save_model_checkpoint(model: Decoder, out_dir: str | pathlib.Path, tokenizer
     return out_dir
 
 
-def write_model_description(out_dir: str | pathlib.Path, cfg: ModelConfig, tokenizer: Any = None,
+def write_model_description(out_dir: PathLike, cfg: ModelConfig, tokenizer: Any = None,
                             source_dtype: str | None = None, param_dtype: str = "float32") -> None:
     """MODEL_FILE (+ tokenizer/) in `out_dir`: what makes params/ beside it, or a run's step dirs, a model."""
     if jax.process_index() != 0:
         return
-    out_dir = pathlib.Path(out_dir)
+    out_dir = paths.as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_config": cfg.to_dict(),
             "source_dtype": source_dtype, "param_dtype": param_dtype}
     (out_dir / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+        with paths.local_dir_for(out_dir / TOKENIZER_DIR) as local:
+            tokenizer.save_pretrained(str(local))
 
 
 # --- tokenizers -------------------------------------------------------------------------------
 
-def tokenizer_path(path: str | pathlib.Path) -> pathlib.Path:
+def tokenizer_path(path: PathLike) -> Path:
     """Where the tokenizer of a model directory lives: the HF directory itself, or CKPT/tokenizer/."""
     path = resolve_model_path(path)
     where = path if detect_model_format(path) == "hf" else _meta_dir(path) / TOKENIZER_DIR
@@ -218,25 +222,25 @@ def tokenizer_path(path: str | pathlib.Path) -> pathlib.Path:
     return where
 
 
-def has_tokenizer(directory: str | pathlib.Path) -> bool:
-    directory = pathlib.Path(directory)
+def has_tokenizer(directory: PathLike) -> bool:
+    directory = paths.as_path(directory)
     return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
 class TokenizerFiles:
     """A tokenizer as its files: `save_pretrained` copies them (no tokenizer library involved)."""
 
-    def __init__(self, directory: str | pathlib.Path):
-        self.directory = pathlib.Path(directory)
+    def __init__(self, directory: PathLike):
+        self.directory = paths.as_path(directory)
 
     def save_pretrained(self, out_dir: str) -> None:
-        pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+        paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
         for name in TOKENIZER_FILES:
             if (self.directory / name).is_file():
-                shutil.copy2(self.directory / name, pathlib.Path(out_dir) / name)
+                paths.copy_file(self.directory / name, paths.as_path(out_dir) / name)
 
 
-def model_tokenizer(path: str | pathlib.Path) -> Any:
+def model_tokenizer(path: PathLike) -> Any:
     """The tokenizer stored with a model (an object with `save_pretrained`), or None when there is none.
 
     Uses `jaxalign.tokenizer.load_tokenizer` when that module exists, else copies the files.
