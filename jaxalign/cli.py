@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import pathlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -126,11 +125,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _pipeline(args: argparse.Namespace) -> int:
     from jaxalign.config import load_config
+    from jaxalign.paths import as_path
     from jaxalign.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.set)
     report = run_pipeline(cfg)
-    print(pathlib.Path(cfg.output_dir, "report", "report.md").read_text())
+    print((as_path(cfg.output_dir) / "report" / "report.md").read_text())
     return 0
 
 

@@ -11,14 +11,13 @@ import dataclasses
 import json
 import logging
 import math
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 
-from jaxalign import model_io
+from jaxalign import model_io, paths
 from jaxalign.config import stage_config
 from jaxalign.data.iterator import make_iterator, to_global_arrays
 from jaxalign.data.sources import load_rows
@@ -174,13 +173,13 @@ def skill_of(cfg, model_path: str) -> float | None:
     return ev.task_metrics(ev.generations(ev.load(model_path)))["skill_accuracy"]
 
 
-def run_eval(cfg, models: Mapping[str, str], out_dir: str | pathlib.Path,
-             curves: Mapping[str, pathlib.Path] | None = None,
+def run_eval(cfg, models: Mapping[str, str], out_dir: paths.PathLike,
+             curves: Mapping[str, paths.PathLike] | None = None,
              extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate `models` (name -> path; "sft" is the reference for rewards and win-rates) and write the report.
 
     `extras` are stored in report.json as they are (the pipeline adds its gate result)."""
-    out = pathlib.Path(out_dir)
+    out = paths.as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ev = Evaluator(cfg)
     order = sorted(models, key=lambda name: name != "sft")  # the SFT model first: it is everyone's reference
@@ -201,7 +200,7 @@ def run_eval(cfg, models: Mapping[str, str], out_dir: str | pathlib.Path,
         _write_generations(out / f"generations_{name}.jsonl", ev.held_out.prompts, completions[name])
     names = [n for n in ("base", "sft", "dpo") if n in by_model] + [n for n in by_model if n not in ("base", "sft", "dpo")]
     report = build_report({n: by_model[n] for n in names}, {
-        "title": cfg.run_name or pathlib.Path(cfg.output_dir).name,
+        "title": cfg.run_name or paths.as_path(cfg.output_dir).name,
         "models_paths": {n: str(models[n]) for n in names},
         "data": {"prompts": len(ev.held_out.prompts), "sft_examples": len(ev.held_out.sft_examples),
                  "pairs": len(ev.held_out.pairs), "task": cfg.eval.task or None,
@@ -215,7 +214,7 @@ def run_eval(cfg, models: Mapping[str, str], out_dir: str | pathlib.Path,
     return report
 
 
-def _write_generations(path: pathlib.Path, rows: Sequence[dict], completions: Sequence[str]) -> None:
+def _write_generations(path: paths.Path, rows: Sequence[dict], completions: Sequence[str]) -> None:
     if not completions or jax.process_index() != 0:
         return
     with path.open("w", encoding="utf-8") as f:

@@ -30,7 +30,6 @@ import contextlib
 import functools
 import json
 import logging
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +41,7 @@ from jax.sharding import Mesh
 
 from jaxalign.data.batching import round_up
 from jaxalign.errors import JaxalignError
+from jaxalign.paths import as_path
 from jaxalign.sharding import batch_sharding, constrain, make_mesh, use_mesh
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def run_generate(model_path: str, prompts_path: str, out_path: str, *, batch_siz
     results = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_k=top_k, top_p=top_p, stop=stop, seed=seed, mesh=mesh, batch_size=batch_size)
     if jax.process_index() == 0:
-        out = pathlib.Path(out_path)
+        out = as_path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
             for (_, row), result in zip(inputs, results):

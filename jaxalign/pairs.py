@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import jax
 
 from jaxalign.errors import JaxalignError
 from jaxalign.generate import complete
+from jaxalign.paths import as_path
 from jaxalign.score import read_jsonl
 from jaxalign.sharding import make_mesh, use_mesh
 
@@ -108,7 +108,7 @@ def run_pairs(model_path: str, prompts_path: str, out_path: str, *, judge: str, 
         out_rows.append({**row, "chosen": pair[0], "rejected": pair[1]})
     counts["pairs"] = len(out_rows)
     if jax.process_index() == 0:
-        out = pathlib.Path(out_path)
+        out = as_path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows))
     log.info("pairs: %s", counts)

@@ -16,12 +16,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import pathlib
 from typing import Any
 
 import jax
 
-from jaxalign import model_io
+from jaxalign import model_io, paths
 from jaxalign.config import config_to_dict, save_config, stage_config
 from jaxalign.convert import save_hf
 from jaxalign.errors import JaxalignError
@@ -37,11 +36,11 @@ class SFTGateError(JaxalignError):
     """The SFT model misses eval.min_sft_skill: DPO is not run."""
 
 
-def _finished(run_dir: pathlib.Path) -> bool:
+def _finished(run_dir: paths.Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
-def base_model_path(cfg, root: pathlib.Path) -> str:
+def base_model_path(cfg, root: paths.Path) -> str:
     """model.path, or a checkpoint of the randomly initialised model.config written once to root/base."""
     if cfg.model.path:
         return cfg.model.path
@@ -63,7 +62,7 @@ def base_model_path(cfg, root: pathlib.Path) -> str:
     return str(base)
 
 
-def run_stage(cfg, stage: str, run_dir: pathlib.Path, extra: list[str]) -> None:
+def run_stage(cfg, stage: str, run_dir: paths.Path, extra: list[str]) -> None:
     if _finished(run_dir):
         log.info("%s: finished run in %s, skipped", stage.upper(), run_dir)
         return
@@ -83,7 +82,7 @@ def eval_fingerprint(cfg, models: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _recorded(path: pathlib.Path, fingerprint: str, measured: list[pathlib.Path]) -> dict[str, Any] | None:
+def _recorded(path: paths.Path, fingerprint: str, measured: list[paths.Path]) -> dict[str, Any] | None:
     """The JSON in `path` if it was written with `fingerprint` after every run in `measured` finished."""
     if not path.is_file():
         return None
@@ -91,13 +90,13 @@ def _recorded(path: pathlib.Path, fingerprint: str, measured: list[pathlib.Path]
         record = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    newest_run = max((p.stat().st_mtime for p in measured if p.is_file()), default=0.0)
-    if record.get("fingerprint") != fingerprint or path.stat().st_mtime < newest_run:
+    newest_run = max((paths.mtime(p) for p in measured if p.is_file()), default=0.0)
+    if record.get("fingerprint") != fingerprint or paths.mtime(path) < newest_run:
         return None
     return record
 
 
-def gate(cfg, sft_dir: pathlib.Path, root: pathlib.Path) -> dict[str, Any]:
+def gate(cfg, sft_dir: paths.Path, root: paths.Path) -> dict[str, Any]:
     """Stop before DPO when SFT misses eval.min_sft_skill: DPO will not rescue a model that cannot do the task.
 
     The skill measured for this SFT run is recorded in gate.json and reused by a re-run with the same
@@ -136,7 +135,7 @@ def export_config(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
         bos_token_id=tokenizer.bos_id if model_cfg.bos_token_id is None else model_cfg.bos_token_id)
 
 
-def export(cfg, dpo_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+def export(cfg, dpo_dir: paths.Path, out: paths.Path) -> paths.Path:
     if (out / "config.json").is_file():
         log.info("export: %s exists, skipped", out)
         return out
@@ -151,7 +150,7 @@ def export(cfg, dpo_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
 
 
 def run_pipeline(cfg) -> dict[str, Any]:
-    root = pathlib.Path(cfg.output_dir)
+    root = paths.as_path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         save_config(cfg, root / "config.yaml")
@@ -164,7 +163,7 @@ def run_pipeline(cfg) -> dict[str, Any]:
     models = {"base": base, "sft": str(sft_dir), "dpo": str(dpo_dir)}
     fingerprint = eval_fingerprint(cfg, models)
     report = _recorded(root / "report" / "report.json", fingerprint,
-                       [sft_dir / "summary.json", dpo_dir / "summary.json", pathlib.Path(base) / model_io.MODEL_FILE])
+                       [sft_dir / "summary.json", dpo_dir / "summary.json", paths.as_path(base) / model_io.MODEL_FILE])
     if report is not None:
         log.info("report: %s is up to date, skipped", root / "report" / "report.json")
         report["gate"] = gate_result

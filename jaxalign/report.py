@@ -13,6 +13,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxalign import paths
+
 # name -> (higher is better, what it measures). Only metrics named here are credited.
 METRICS: dict[str, tuple[bool, str]] = {
     "skill_accuracy": (True, "held-out task accuracy of greedy generations (checked by the task's program)"),
@@ -127,10 +129,10 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str | pathlib.Path, report: Mapping[str, Any],
-                 curves: Mapping[str, pathlib.Path] | None = None) -> list[pathlib.Path]:
+def write_report(out_dir: paths.PathLike, report: Mapping[str, Any],
+                 curves: Mapping[str, paths.PathLike] | None = None) -> list[paths.Path]:
     """report.json, report.md and the PNG plots in `out_dir`; returns the files written."""
-    out = pathlib.Path(out_dir)
+    out = paths.as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_metric_bars(report, out / "stage_metrics.png")
     if curves:
@@ -140,7 +142,7 @@ def write_report(out_dir: str | pathlib.Path, report: Mapping[str, Any],
     return [out / "report.json", out / "report.md", *plots]
 
 
-def plot_metric_bars(report: Mapping[str, Any], path: pathlib.Path) -> list[pathlib.Path]:
+def plot_metric_bars(report: Mapping[str, Any], path: paths.Path) -> list[paths.Path]:
     plt = _pyplot()
     models = list(report["models"])
     shown = [m for m in METRICS if any(_number(report["models"][k].get(m)) for k in models)]
@@ -154,15 +156,15 @@ def plot_metric_bars(report: Mapping[str, Any], path: pathlib.Path) -> list[path
         ax.set_title(metric, fontsize=9)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_png(fig, path)
     plt.close(fig)
     return [path]
 
 
-def plot_training_curves(curves: Mapping[str, pathlib.Path], path: pathlib.Path) -> list[pathlib.Path]:
+def plot_training_curves(curves: Mapping[str, paths.PathLike], path: paths.Path) -> list[paths.Path]:
     """Training and eval loss of each stage's run, from its metrics.jsonl."""
     plt = _pyplot()
-    runs = {name: _read_metrics(p) for name, p in curves.items() if pathlib.Path(p).is_file()}
+    runs = {name: _read_metrics(p) for name, p in curves.items() if paths.as_path(p).is_file()}
     if plt is None or not runs:
         return []
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.2), squeeze=False)
@@ -181,13 +183,18 @@ def plot_training_curves(curves: Mapping[str, pathlib.Path], path: pathlib.Path)
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_png(fig, path)
     plt.close(fig)
     return [path]
 
 
-def _read_metrics(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+def _save_png(fig, path: paths.Path) -> None:
+    with path.open("wb") as f:  # a file object, so the path may be a URL
+        fig.savefig(f, format="png", dpi=100)
+
+
+def _read_metrics(path: paths.PathLike) -> list[dict]:
+    return [json.loads(line) for line in paths.as_path(path).read_text().splitlines() if line.strip()]
 
 
 def _pyplot():

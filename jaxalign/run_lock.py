@@ -13,6 +13,10 @@ crashed host's leftovers after a reboot): it is taken over with a warning, so a 
 dir for good. A lock held from another host cannot be checked from here: the run refuses, and says
 which file to delete if that run is known to be gone. In a multi-host job only process 0 takes the
 lock and broadcasts its verdict (`acquire_for_job`).
+
+Run dirs at a URL (gs://...) are not locked: an object store has no O_EXCL create, and a lock left
+by a preempted host could never be judged stale from a new one, so every resume would refuse.
+Such a run warns that nothing stops a second run from writing into the same dir.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import socket
 import time
 from typing import Any
 
+from jaxalign import paths
 from jaxalign.errors import JaxalignError
 
 log = logging.getLogger(__name__)
@@ -92,6 +97,8 @@ def describe(info: dict[str, Any]) -> str:
 
 def live_holder(run_dir: str | pathlib.Path) -> dict[str, Any] | None:
     """The lock of another process that may be running in `run_dir` (None when free or stale)."""
+    if paths.is_remote(run_dir):
+        return None
     info = read_lock(pathlib.Path(run_dir) / LOCK_FILE)
     if not info:
         return None
@@ -186,6 +193,11 @@ def acquire_for_job(run_dir: str | pathlib.Path) -> RunLock | None:
     refuses when it cannot (and none hangs waiting for it). Returns the lock on process 0, else None."""
     import jax
 
+    if paths.is_remote(run_dir):
+        if jax.process_index() == 0:
+            log.warning("output dir %s is a URL: it is not locked, so nothing stops another run from writing "
+                        "into it at the same time (see jaxalign.run_lock)", run_dir)
+        return None
     lock, error = None, ""
     if jax.process_index() == 0:
         try:

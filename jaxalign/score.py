@@ -8,7 +8,6 @@ without, no EOS added) or ids (`prompt_ids`, `completion_ids`, used as given).
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from jaxalign.data.packing import pack_rows
 from jaxalign.data.sources import iter_jsonl
 from jaxalign.errors import JaxalignError
 from jaxalign.logprobs import sequence_logprobs
+from jaxalign.paths import as_path
 from jaxalign.sharding import batch_sharding, make_mesh, use_mesh
 
 
@@ -136,7 +136,7 @@ def run_score(model_path: str, data_path: str, out_path: str, batch_size: int = 
         model = model_io.load_model(model_dir, mesh, dtype=dtype)
     results = score_rows(model, rows, mesh, batch_size, pad_id=pad_id, vocab_size=cfg.vocab_size)
     if jax.process_index() == 0:
-        out = pathlib.Path(out_path)
+        out = as_path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
             for (_, row), (logp, count) in zip(inputs, results):

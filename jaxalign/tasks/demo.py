@@ -37,6 +37,8 @@ import random
 import re
 from typing import Any
 
+from jaxalign.paths import as_path
+
 NAME = "demo"
 DIGITS = "0123456789"
 MIN_LEN, MAX_LEN = 3, 6
@@ -202,7 +204,7 @@ def judge_pair(prompt_row: dict[str, Any] | str, completion_a: str, completion_b
 
 
 def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with as_path(path).open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -214,7 +216,7 @@ def write_demo_data(out_dir: str, n_sft: int = 4000, n_pref: int = 2000, n_eval:
     The held-out files hold n_eval rows each. Returns {file stem: path}. Raises AssertionError if a
     held-out prompt appears in the training files (impossible by construction; checked anyway).
     """
-    os.makedirs(out_dir, exist_ok=True)
+    as_path(out_dir).mkdir(parents=True, exist_ok=True)
     files = {
         "sft": make_sft_rows(n_sft, seed),
         "sft_eval": make_sft_rows(n_eval, seed, held_out=True),

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from jaxalign.data.sources import iter_jsonl
 from jaxalign.errors import JaxalignError
+from jaxalign.paths import as_path
 
 DEFAULTS = {
     "model_type": "bpe",
@@ -57,9 +58,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, **
     except RuntimeError as e:
         raise JaxalignError(f"SentencePiece training failed (vocab_size={vocab_size}): {e}") from e
     path = model_file_path(out_path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
+    as_path(path).parent.mkdir(parents=True, exist_ok=True)
+    as_path(path).write_bytes(model.getvalue())
     return path
 
 

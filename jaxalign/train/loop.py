@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import pathlib
-import shutil
 import signal
 import time
 from typing import Any
@@ -23,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxalign import model_io, run_lock
+from jaxalign import model_io, paths, run_lock
 from jaxalign.checkpoint import NonFiniteModel, RunCheckpointer, abstract_like
 from jaxalign.config import save_config
 from jaxalign.data.iterator import make_iterator, to_global_arrays
@@ -63,9 +61,9 @@ def initial_model_key(cfg) -> str:
     return "dpo.init_from" if cfg.stage == "dpo" and cfg.dpo.init_from else "model.path"
 
 
-def check_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
+def check_run_dir(cfg, resume: bool, overwrite: bool) -> paths.Path:
     """Refuse to mix two runs in one dir: an existing run needs --resume or --overwrite. Writes nothing."""
-    run = pathlib.Path(cfg.output_dir)
+    run = paths.as_path(cfg.output_dir)
     if resume and overwrite:
         raise JaxalignError("--resume and --overwrite exclude each other: continue the run in "
                             f"{run} or replace it, not both")
@@ -116,7 +114,7 @@ def check_model_source(cfg):
     return model_cfg, tokenizer
 
 
-def prepare_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
+def prepare_run_dir(cfg, resume: bool, overwrite: bool) -> paths.Path:
     """Create (or, with --overwrite, replace) the run dir and write the resolved config."""
     run = check_run_dir(cfg, resume, overwrite)
     _barrier("jaxalign.prepare_run_dir.checked")  # multi-host: every process checked before process 0 writes
@@ -124,7 +122,7 @@ def prepare_run_dir(cfg, resume: bool, overwrite: bool) -> pathlib.Path:
         if jax.process_index() == 0:
             for child in run.iterdir():  # everything but the lock this run holds
                 if child.name != run_lock.LOCK_FILE:
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                    paths.remove(child)
     if jax.process_index() == 0:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
@@ -170,10 +168,12 @@ class MetricsLog:
     The TensorBoard writer (a thread, a queue and an open event file) is opened on the first record
     and closed by `close()` at the end of `Trainer.train`, so runs in one process do not pile them up."""
 
-    def __init__(self, run: pathlib.Path):
+    def __init__(self, run: paths.Path):
         self.path = run / "metrics.jsonl"
         self.writer = None
-        self.tensorboard_dir = run / "tensorboard"
+        # tensorboardX writes to gs:// and s3:// itself; it would take other URLs for local paths.
+        local_or_known = not paths.is_remote(run) or str(run).startswith(("gs://", "s3://"))
+        self.tensorboard_dir = run / "tensorboard" if local_or_known else None
 
     def _open_writer(self) -> None:
         try:
@@ -181,7 +181,11 @@ class MetricsLog:
         except ImportError:
             self.tensorboard_dir = None
             return
-        self.writer = SummaryWriter(str(self.tensorboard_dir))
+        try:
+            self.writer = SummaryWriter(str(self.tensorboard_dir))
+        except ImportError as e:  # gs:// needs google-cloud-storage, s3:// boto3 (the `gcs` extra has the first)
+            log.warning("no TensorBoard events in %s: %s", self.tensorboard_dir, e)
+            self.tensorboard_dir = None
 
     def close(self) -> None:
         if self.writer is not None:
@@ -191,8 +195,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if jax.process_index() != 0:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        paths.append_text(self.path, json.dumps(record) + "\n")
         if self.writer is None and self.tensorboard_dir is not None:
             self._open_writer()
         if self.writer is not None:
@@ -221,7 +224,7 @@ class Trainer:
         check_run_dir(cfg, resume, overwrite)
         checked = check_model_source(cfg)
         # One run per output dir: taken before anything in it is written or replaced.
-        self.lock = run_lock.acquire_for_job(pathlib.Path(cfg.output_dir))
+        self.lock = run_lock.acquire_for_job(cfg.output_dir)
         try:
             self._init(cfg, checked, resume, overwrite)
         except BaseException:
@@ -416,9 +419,7 @@ class Trainer:
                 continue
             if record_step <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        paths.write_text_atomic(path, "".join(kept))
 
     # --- evaluation ----------------------------------------------------------------------------
 
