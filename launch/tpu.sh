@@ -29,8 +29,8 @@ Options:
   --dry-run             print every command instead of running it
   -h, --help            this help
 
-Data, checkpoints and run dirs: paths in the config are read on every worker. Hub ids and gs://
-data paths are passed through untouched (see launch/README.md for what works with gs://).
+Data, checkpoints and run dirs: paths in the config are read on every worker and passed through
+untouched; gs:// URLs work for all of them but data.cache_dir (see launch/README.md).
 EOF
 }
 
