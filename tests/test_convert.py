@@ -128,6 +128,16 @@ def test_logits_match_transformers(family, hf_dir, mesh4x2):
     np.testing.assert_allclose(ours[valid == 1], ref[valid == 1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama3_tied", "mistral_window"])
+def test_long_sequences_match_transformers(family, hf_dir, mesh4x2):
+    """256 positions: the xla attention path splits causal self-attention into query blocks that skip
+    the masked keys (models/attention.py); blocks, sliding window and rope must still give HF's logits."""
+    path = hf_dir(family)
+    model = model_io.load_model(path, mesh4x2)
+    tokens = _tokens(length=SMALL["max_position_embeddings"], seed=1)
+    np.testing.assert_allclose(_our_logits(model, mesh4x2, tokens), _hf_logits(path, tokens), atol=1e-4, rtol=0)
+
+
 # --- round trips ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama3_tied", "llama_bias_bf16"])

@@ -281,9 +281,11 @@ def test_dpo_learns_preferences_with_trl_metrics(dpo_model_run):
     for record in train.values():
         for key in DPO_METRICS:
             assert math.isfinite(record[key]), (key, record)
-    # Policy == reference at step 1: TRL's sigmoid loss is ln 2 and the strict accuracy 0.
-    assert train[1]["loss"] == pytest.approx(math.log(2), abs=1e-6) and train[1]["rewards/accuracies"] == 0.0
-    assert train[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    # Policy == reference at step 1: TRL's sigmoid loss is ln 2 and the strict accuracy 0. The reference
+    # log-probs come from the scoring program (other batch shapes, so other fp32 summation orders): equal
+    # to ~1e-7 relative, which on summed log-probs of ~100 tokens is a few 1e-6 of loss or margin.
+    assert train[1]["loss"] == pytest.approx(math.log(2), abs=1e-5) and train[1]["rewards/accuracies"] == 0.0
+    assert train[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     for record in train.values():
         assert record["rewards/margins"] == pytest.approx(record["rewards/chosen"] - record["rewards/rejected"],
                                                           abs=1e-4)

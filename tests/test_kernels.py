@@ -1,0 +1,72 @@
+"""The hand-written pieces of the step that exist for speed give the plain formulas' values and gradients:
+blocked causal attention, the SwiGLU custom gradient, and the one-pass log-softmax statistics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.logprobs import logit_stats
+from jaxalign.models.attention import attention_mask, xla_attention
+from jaxalign.models.llama import swiglu
+
+
+def plain_attention(q, k, v, mask):
+    """Textbook attention: repeat kv heads, softmax(QKᵀ/√d + mask) V, no blocks, no grouping."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None], scores, -1e30)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+@pytest.mark.parametrize("length,window", [(512, None), (384, 40)])
+def test_blocked_causal_attention_equals_plain(length, window):
+    """Packed rows (three documents, then padding) so segment masks cross the query-block edges."""
+    key = jax.random.key(0)
+    b, h, kv, d = 2, 4, 2, 16
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (b, length, n, d)) for i, n in enumerate((h, kv, kv)))
+    col = np.arange(length)
+    segments = np.stack([np.select([col < 100, col < 300, col < length - 20], [1, 2, 3], 0),
+                         np.where(col < length // 2 + 7, 1, 0)]).astype(np.int32)
+    mask = attention_mask(jnp.asarray(segments), jnp.asarray(segments), sliding_window=window)
+    real = segments > 0
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.where(real[..., None, None], fn(q, k, v, mask), 0.0) ** 2)
+
+    blocked = lambda q, k, v, m: xla_attention(q, k, v, m, causal=True)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask))[real], np.asarray(plain_attention(q, k, v, mask))[real],
+                               atol=2e-6)
+    got = jax.grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: loss(plain_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def test_swiglu_gradient_equals_autodiff():
+    gate, up, cot = (jax.random.normal(jax.random.key(i), (3, 7, 11)) * 3 for i in range(3))
+    plain = lambda g, u: jax.nn.silu(g) * u  # noqa: E731
+    np.testing.assert_allclose(swiglu(gate, up), plain(gate, up), rtol=1e-6)
+    got = jax.vjp(swiglu, gate, up)[1](cot)
+    want = jax.vjp(plain, gate, up)[1](cot)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_stats_equals_log_softmax():
+    logits = jax.random.normal(jax.random.key(0), (4, 9, 50)) * 20
+    targets = jax.random.randint(jax.random.key(1), (4, 9), 0, 50)
+    targets = targets.at[0, 0].set(jnp.argmax(logits[0, 0]))  # at least one correct prediction
+    stats = logit_stats(logits, targets)
+    log_probs = jax.nn.log_softmax(logits)
+    np.testing.assert_allclose(stats["logp"], jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0],
+                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(stats["lse"], jax.nn.logsumexp(logits, -1), rtol=1e-6)
+    np.testing.assert_array_equal(stats["correct"], (jnp.argmax(logits, -1) == targets).astype(jnp.float32))
+    assert stats["correct"][0, 0] == 1
+    got = jax.grad(lambda x: jnp.sum(logit_stats(x, targets)["logp"] + 0.1 * logit_stats(x, targets)["lse"] ** 2))(
+        logits)
+    want = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(x), targets[..., None], -1)
+                                      + 0.1 * jax.nn.logsumexp(x, -1)[..., None] ** 2))(logits)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
