@@ -11,6 +11,7 @@ from jaxalign.config import default_config
 from jaxalign.data.batching import bucket_length, dpo_batch, sft_batch
 from jaxalign.data.inspect import completion_difference, inspect_data, is_near_identical, marked_text
 from jaxalign.data.iterator import BatchIterator, host_rows, make_iterator, to_global_arrays
+from jaxalign.data.prefetch import Prefetcher
 from jaxalign.data.packing import BATCH_KEYS, bins_efficiency, pack_bfd, pack_rows, packing_efficiency
 from jaxalign.errors import JaxalignError
 from jaxalign.logprobs import token_logprobs
@@ -220,6 +221,28 @@ def test_resume_gives_exactly_the_batches_of_an_uninterrupted_run(stage, packing
     for want in expected:
         _assert_batches_equal(next(fresh), want)
     assert fresh.state() == it.state() and it.state()["epoch"] >= 1
+
+
+def test_prefetched_positions_resume_at_the_next_trained_batch():
+    """The loop draws batch i+1 while step i runs; step i's checkpoint stores batch i's position, so a
+    resume from it yields batch i+1 again, also across an epoch boundary (which marks epoch_done)."""
+    rng = np.random.default_rng(5)
+    examples = sft_examples(60, rng)
+    kwargs = dict(batch_size=4, max_length=64, pad_to_multiple_of=16, seed=7)
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    feed = Prefetcher(BatchIterator(examples, "sft", mesh=mesh, **kwargs), mesh)
+    per_epoch = feed.iterator.steps_per_epoch
+    drawn = []
+    for _ in range(per_epoch + 2):
+        drawn.append(feed.take())
+        feed.prefetch()  # as the loop does after dispatching a step
+    assert [d.position.epoch_done for d in drawn] == [i == per_epoch - 1 for i in range(per_epoch + 2)]
+    assert [d.position.batch_index for d in drawn[per_epoch - 1:per_epoch + 1]] == [per_epoch - 1, 0]
+    for i in (0, per_epoch - 1):
+        fresh = BatchIterator(examples, "sft", **kwargs)
+        fresh.restore(json.loads(json.dumps(drawn[i].position.state)))
+        _assert_batches_equal(next(fresh), drawn[i + 1].host)
+        np.testing.assert_array_equal(np.asarray(drawn[i + 1].arrays["tokens"]), drawn[i + 1].host["tokens"])
 
 
 def test_restore_refuses_changed_settings():

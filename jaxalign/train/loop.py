@@ -25,6 +25,7 @@ from jaxalign import model_io, paths, run_lock
 from jaxalign.checkpoint import NonFiniteModel, RunCheckpointer, abstract_like
 from jaxalign.config import save_config
 from jaxalign.data.iterator import make_iterator, to_global_arrays
+from jaxalign.data.prefetch import Position, Prefetcher
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.preemption import PreemptionWatch
@@ -256,6 +257,7 @@ class Trainer:
                     self.precompute_reference(params)
             pad_id = self.tokenizer.pad_id or 0
             self.train_iter = make_iterator(self.train_examples, cfg, mesh=self.mesh, pad_id=pad_id)
+            self.trained_position: Position | None = None  # the data position after the last trained step
             self.pad_id = pad_id
             self.total_steps = self.planned_steps()
             optimizer, self.schedule = build_optimizer(cfg.optimizer, self.total_steps)
@@ -326,7 +328,9 @@ class Trainer:
 
     def save(self, step: int, eval_metrics: dict[str, float] | None = None) -> None:
         """Checkpoint `step` asynchronously; with validation metrics, track the best in RUN/best.json."""
-        meta = {"data_iterator": self.train_iter.state(), "seed": self.cfg.train.seed, "total_steps": self.total_steps}
+        # The position after the last trained batch (the prefetcher may have drawn one more).
+        data_state = self.trained_position.state if self.trained_position else self.train_iter.state()
+        meta = {"data_iterator": data_state, "seed": self.cfg.train.seed, "total_steps": self.total_steps}
         metrics = None if not eval_metrics else {k: v for k, v in eval_metrics.items() if k.startswith("eval/")}
         try:
             self.ckpt.save(step, self.state.params, self.state.opt_state, meta, metrics)
@@ -456,19 +460,23 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True,
                    desc=f"{self.stage}")
         preempt, preempted_at = PreemptionWatch(), None
+        feed = Prefetcher(self.train_iter, self.mesh)
         with use_mesh(self.mesh, self.rules), preempt, self._finish_on_error(bar):
             for step in range(start + 1, end + 1):
-                host = next(self.train_iter)
-                batch = to_global_arrays(host, self.mesh)
+                drawn = feed.take()
+                batch = drawn.arrays
                 self.state, metrics = self.compiled_step(batch)(self.state, batch, self.ref_params)
+                if step < end:
+                    feed.prefetch()  # host work for the next step while the device runs this one
+                self.trained_position = position = drawn.position
                 pending.append(metrics)
-                tokens_since += int(np.sum(host["segment_ids"] > 0))
+                tokens_since += int(np.sum(drawn.host["segment_ids"] > 0))
                 if int(metrics["nonfinite"]):
                     nonfinite_steps += 1
                     if cfg.train.on_nonfinite == "stop":
                         raise JaxalignError(
-                            f"non-finite loss or gradients at step {step} (epoch {self.train_iter.epoch}, batch "
-                            f"{self.train_iter.step - 1} of the epoch); the update was not applied; last good "
+                            f"non-finite loss or gradients at step {step} (epoch {position.epoch}, batch "
+                            f"{position.batch_index} of the epoch); the update was not applied; last good "
                             f"checkpoint: {self.last_good_checkpoint()}")
                     log.warning("step %d: non-finite loss or gradients; update skipped", step)
                 bar.update(1)
@@ -483,7 +491,7 @@ class Trainer:
                     if evaluated:
                         self.metrics_log.write({"step": step, **evaluated})
                         log.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in evaluated.items()))
-                epoch_end = self.train_iter.step == 0 or self.train_iter.step >= self.train_iter.steps_per_epoch
+                epoch_end = position.epoch_done
                 if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or is_last or (
                         cfg.checkpoint.save_at_epoch_end and epoch_end):
                     self.save(step, evaluated)
@@ -531,7 +539,7 @@ class Trainer:
 
     def log_train(self, step: int, pending: list[dict], tokens: int, seconds: float, nonfinite: int) -> dict:
         records = jax.device_get(pending)
-        record = {"step": step, **mean_over(records, self.weight_key), "epoch": self.train_iter.epoch,
+        record = {"step": step, **mean_over(records, self.weight_key), "epoch": self.trained_position.epoch if self.trained_position else self.train_iter.epoch,
                   "tokens_per_sec": tokens / max(seconds, 1e-9), "nonfinite_steps": nonfinite}
         record["grad_norm"] = float(np.mean([float(r["grad_norm"]) for r in records if math.isfinite(r["grad_norm"])]
                                             or [math.nan]))
