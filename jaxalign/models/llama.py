@@ -175,28 +175,6 @@ class Decoder(nnx.Module):
                        jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-@jax.custom_vjp
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) * up, keeping only gate and up for the backward pass (autodiff of the expression
-    would also keep sigmoid(gate) and silu(gate): two more [batch, length, mlp] activations per layer,
-    stacked by the layer scan; the fp32 CPU train step of benchmarks/run.py is a few % faster)."""
-    return jax.nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-    return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(res, g):
-    gate, up = res
-    sig = jax.nn.sigmoid(gate)
-    # d silu(x)/dx = sigmoid(x) * (1 + x * (1 - sigmoid(x)))
-    return g * up * sig * (1 + gate * (1 - sig)), g * gate * sig
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
 def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array] | None, *, cfg: ModelConfig,
            cos, sin, mask, q_offset, impl: str, dtype) -> tuple[jax.Array, Any]:
     """One pre-norm decoder block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
@@ -222,5 +200,5 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate = constrain(jnp.einsum("bte,em->btm", h, p["w_gate"]), ("batch", "length", "act_mlp"))
     up = jnp.einsum("bte,em->btm", h, p["w_up"])
-    x = x + jnp.einsum("btm,me->bte", swiglu(gate, up), p["w_down"])
+    x = x + jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, p["w_down"])
     return constrain(x, ("batch", "length", "act_embed")), kv
