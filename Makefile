@@ -11,7 +11,7 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 PIPELINE_TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false" \
 	JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
 
-.PHONY: venv test demo clean-demo clean
+.PHONY: venv test demo clean-demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ clean-demo:
 test: $(VENV)/.installed
 	$(TEST_ENV) $(PY) -m pytest -q tests --ignore=tests/test_pipeline.py
 	$(PIPELINE_TEST_ENV) $(PY) -m pytest -q tests/test_pipeline.py
+
+# The training-step benchmarks (benchmarks/run.py --help): jaxalign SFT and DPO steps beside PyTorch's,
+# MFU against the matmul peak measured in the same run, compile time vs depth, data loading; ~15 min on
+# 2 CPU cores. Each measurement waits for a quiet machine; the table is appended to benchmarks/RESULTS.md.
+BENCH_ARGS ?=
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run.py --wait-quiet 0.15 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
