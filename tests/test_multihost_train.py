@@ -70,15 +70,16 @@ def run_stages(root: pathlib.Path, shared_data: pathlib.Path, cache: pathlib.Pat
             assert int(trainer.state.step) == STOP_AT
         summary = trainer.train()
         run = pathlib.Path(cfg["output_dir"])
-        losses, evals = {}, {}
+        losses, tokens, evals = {}, {}, {}
         if jax.process_index() == 0:  # the file process 0 wrote: one record per step (asserted)
             for line in (run / "metrics.jsonl").read_text().splitlines():
                 record = json.loads(line)
                 if "loss" in record:
                     assert record["step"] not in losses, f"{stage}: step {record['step']} logged twice"
                     losses[record["step"]] = record["loss"]
+                    tokens[record["step"]] = record["tokens"]
         evals = {k: v for k, v in summary.items() if k.startswith("eval/")}
-        out[stage] = {"losses": losses, "eval": evals, "steps": summary["steps"]}
+        out[stage] = {"losses": losses, "tokens": tokens, "eval": evals, "steps": summary["steps"]}
     return out
 
 
@@ -143,6 +144,9 @@ def test_two_processes_train_sft_and_dpo_like_one(tmp_path, shared_data):
         assert sorted(losses) == sorted(want), (stage, losses)
         for step in want:
             assert abs(losses[step] - want[step]) <= 1e-5, (stage, step, losses[step], want[step])
+        # Tokens counted over the global batch, not process 0's rows only.
+        tokens = {int(k): v for k, v in got[0][stage]["tokens"].items()}
+        assert tokens == ref[stage]["tokens"] and min(tokens.values()) > 0, (stage, tokens, ref[stage]["tokens"])
         for g in got:  # every process computed the same global eval metrics
             assert g[stage]["steps"] == STEPS
             for key, value in ref[stage]["eval"].items():

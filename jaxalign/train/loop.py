@@ -456,7 +456,7 @@ class Trainer:
         pending: list[dict] = []
         last_eval: dict[str, float] = {}
         nonfinite_steps = 0
-        t_last, tokens_since = time.perf_counter(), 0
+        t_last = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True,
                    desc=f"{self.stage}")
         preempt, preempted_at = PreemptionWatch(), None
@@ -470,7 +470,6 @@ class Trainer:
                     feed.prefetch()  # host work for the next step while the device runs this one
                 self.trained_position = position = drawn.position
                 pending.append(metrics)
-                tokens_since += int(np.sum(drawn.host["segment_ids"] > 0))
                 if int(metrics["nonfinite"]):
                     nonfinite_steps += 1
                     if cfg.train.on_nonfinite == "stop":
@@ -482,9 +481,9 @@ class Trainer:
                 bar.update(1)
                 is_last = step == self.total_steps
                 if step % cfg.train.log_every == 0 or is_last:
-                    record = self.log_train(step, pending, tokens_since, time.perf_counter() - t_last, nonfinite_steps)
+                    record = self.log_train(step, pending, time.perf_counter() - t_last, nonfinite_steps)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    pending, t_last, tokens_since = [], time.perf_counter(), 0
+                    pending, t_last = [], time.perf_counter()
                 evaluated = None
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
                     evaluated = last_eval = self.evaluate()
@@ -502,7 +501,7 @@ class Trainer:
                     break
             if end < self.total_steps and end > start:
                 if pending:
-                    self.log_train(end, pending, tokens_since, time.perf_counter() - t_last, nonfinite_steps)
+                    self.log_train(end, pending, time.perf_counter() - t_last, nonfinite_steps)
                 if self.last_saved != end:
                     self.save(end)
         bar.close()
@@ -537,10 +536,11 @@ class Trainer:
             self.release_lock()
             raise
 
-    def log_train(self, step: int, pending: list[dict], tokens: int, seconds: float, nonfinite: int) -> dict:
+    def log_train(self, step: int, pending: list[dict], seconds: float, nonfinite: int) -> dict:
         records = jax.device_get(pending)
+        tokens = sum(int(r["num_input_tokens"]) for r in records)  # the global batches', all processes
         record = {"step": step, **mean_over(records, self.weight_key), "epoch": self.trained_position.epoch if self.trained_position else self.train_iter.epoch,
-                  "tokens_per_sec": tokens / max(seconds, 1e-9), "nonfinite_steps": nonfinite}
+                  "tokens": tokens, "tokens_per_sec": tokens / max(seconds, 1e-9), "nonfinite_steps": nonfinite}
         record["grad_norm"] = float(np.mean([float(r["grad_norm"]) for r in records if math.isfinite(r["grad_norm"])]
                                             or [math.nan]))
         record["lr"] = float(records[-1]["lr"])

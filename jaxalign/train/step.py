@@ -124,7 +124,9 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, optimizer: opt
         new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state))
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "nonfinite": (~finite).astype(jnp.int32), **{f"num_{k}": v for k, v in norms.items()}}
+                   "nonfinite": (~finite).astype(jnp.int32), **{f"num_{k}": v for k, v in norms.items()},
+                   # Non-padding tokens of the global batch (every process's rows), for tokens/s.
+                   "num_input_tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.int32))}
         return new_state, metrics
 
     return step
