@@ -36,6 +36,7 @@ from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.sharding import make_mesh, use_mesh
 from jaxalign.train.loop import Trainer, check_model_source
+from run_files import read_metrics
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -89,19 +90,6 @@ def write_config(root: pathlib.Path, name: str, cfg: dict, sets=()) -> tuple[pat
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**cfg, "output_dir": str(root / name)}))
     return path, load_config(path, list(sets))
-
-
-def read_metrics(run: pathlib.Path) -> tuple[dict[int, dict], list[dict]]:
-    """(train records by step, eval records); a step logged twice fails."""
-    train, evals = {}, []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if any(k.startswith("eval/") for k in record):
-            evals.append(record)
-        else:
-            assert record["step"] not in train, f"step {record['step']} logged twice"
-            train[record["step"]] = record
-    return train, evals
 
 
 def logged_steps(run: pathlib.Path) -> list[int]:
