@@ -5,14 +5,11 @@ import importlib.util
 import json
 import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 
 from jaxalign.data.iterator import BatchIterator
+from local_processes import free_port, start_workers, wait_workers
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 REPO = WORKER.parents[1]
@@ -24,12 +21,6 @@ def _worker_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def _data(rng):
@@ -51,18 +42,8 @@ def test_two_processes_assemble_the_single_process_global_batch(tmp_path):
     data_path.write_text(json.dumps(data))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO)}
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(data_path), str(tmp_path)],
-                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=90)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("multi-host worker timed out:\n" + "\n".join(p.communicate()[0] or "" for p in procs))
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out
+    port = free_port()
+    wait_workers(start_workers(WORKER, [[i, port, data_path, tmp_path] for i in range(2)], env, REPO), timeout=90)
 
     for name, _, stage, options in worker.CASES:
         it = BatchIterator(data[stage], stage, **worker.COMMON, **options)

@@ -13,35 +13,28 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import time
+
+from local_processes import free_port, start_workers, wait_workers
+from tiny_runs import hh_sft_config  # stdlib only: the workers set their environment before jax loads
 
 THIS = pathlib.Path(__file__).resolve()
 REPO = THIS.parents[1]
 STEPS, STOP_AT = 4, 2
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "tie_word_embeddings": True}
 
 
 def stage_configs(root: pathlib.Path, shared_data: pathlib.Path, cache: pathlib.Path) -> dict[str, dict]:
-    sft = {
-        "stage": "sft", "output_dir": str(root / "sft"),
-        "model": {"config": dict(TINY_LLAMA)},
-        "tokenizer": {"path": str(shared_data / "llama2-tokenizer.model"), "chat_template": "plain"},
+    sft = hh_sft_config(
+        shared_data, root / "sft", cache,
         # every axis spans both processes' devices in some way: data x fsdp x tensor = 2 x 2 x 2
-        "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
-        "data": {"train": str(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz"), "format": "preference",
-                 "sft_from_preference": True, "max_rows": 96, "eval_fraction": 0.1, "max_length": 128,
-                 "max_prompt_length": 64, "pad_to_multiple_of": 64, "on_bad_row": "skip",
-                 "cache_dir": str(cache)},
-        "train": {"batch_size": 8, "max_steps": STEPS, "eval_every": 0, "log_every": 1},
-        "eval": {"batch_size": 8},
-        "optimizer": {"lr": 3e-3, "warmup_steps": 1},
-        "checkpoint": {"every_steps": 2, "keep": 2},
-    }
+        mesh={"data": 2, "fsdp": 2, "tensor": 2},
+        data={"max_rows": 96, "eval_fraction": 0.1, "max_length": 128, "max_prompt_length": 64},
+        train={"batch_size": 8, "max_steps": STEPS, "eval_every": 0, "log_every": 1},
+        eval={"batch_size": 8},
+        optimizer={"lr": 3e-3, "warmup_steps": 1},
+        checkpoint={"every_steps": 2, "keep": 2},
+    )
     dpo = json.loads(json.dumps(sft))
     dpo.update(stage="dpo", output_dir=str(root / "dpo"))
     dpo["data"].update(sft_from_preference=False)
@@ -102,12 +95,6 @@ def worker(process_id: int, port: int, root: str, shared_data: str) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_sft_and_dpo_like_one(tmp_path, shared_data):
     import jax
     import pytest
@@ -116,23 +103,13 @@ def test_two_processes_train_sft_and_dpo_like_one(tmp_path, shared_data):
            "PYTHONPATH": str(REPO)}
     for name in ("JAXALIGN_COORDINATOR", "JAXALIGN_NUM_PROCESSES", "JAXALIGN_PROCESS_ID"):
         env.pop(name, None)
-    port = _free_port()
+    port = free_port()
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, str(THIS), "worker", str(i), str(port), str(tmp_path / "multi"),
-                               str(shared_data)], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = start_workers(THIS, [["worker", i, port, tmp_path / "multi", shared_data] for i in range(2)], env, REPO)
     # The single-process reference runs meanwhile, here: 1 process x 8 devices, same mesh.
     assert jax.process_count() == 1 and jax.device_count() == 8
     ref = run_stages(tmp_path / "single" / "runs", shared_data, tmp_path / "single" / "cache")
-    try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("multi-host workers timed out:\n" + "\n".join(p.communicate()[0] or "" for p in procs))
-    for i, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i}:\n{out[-6000:]}"
+    wait_workers(procs, timeout=240)
     elapsed = time.perf_counter() - t0
     got = [json.loads((tmp_path / "multi" / f"result-{i}.json").read_text()) for i in range(2)]
 

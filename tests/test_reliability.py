@@ -36,11 +36,9 @@ from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.sharding import make_mesh, use_mesh
 from jaxalign.train.loop import Trainer, check_model_source
-from run_files import read_metrics
+from local_processes import free_port, start_workers, wait_workers
+from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics
 
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "tie_word_embeddings": True}
 STEPS = 12
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxalign"
 
@@ -68,21 +66,14 @@ def jax_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base(shared_data, tmp_path_factory, jax_cache):
     root = tmp_path_factory.mktemp("reliability")
-    cfg = {
-        "stage": "sft",
-        "output_dir": str(root / "ref"),
-        "model": {"config": dict(TINY_LLAMA)},
-        "tokenizer": {"path": str(shared_data / "llama2-tokenizer.model"), "chat_template": "plain"},
-        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-        "data": {"train": str(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz"), "format": "preference",
-                 "sft_from_preference": True, "max_rows": 96, "eval_fraction": 0.2, "max_length": 64,
-                 "max_prompt_length": 32, "pad_to_multiple_of": 64, "on_bad_row": "skip",
-                 "cache_dir": str(root / "cache")},
-        "train": {"batch_size": 8, "max_steps": STEPS, "eval_every": 6, "eval_batches": 1, "log_every": 1},
-        "eval": {"batch_size": 8},
-        "optimizer": {"lr": 3e-3, "warmup_steps": 2},
-        "checkpoint": {"every_steps": 4, "keep": 3},
-    }
+    cfg = hh_sft_config(
+        shared_data, root / "ref", root / "cache",
+        data={"max_rows": 96, "eval_fraction": 0.2, "max_length": 64, "max_prompt_length": 32},
+        train={"batch_size": 8, "max_steps": STEPS, "eval_every": 6, "eval_batches": 1, "log_every": 1},
+        eval={"batch_size": 8},
+        optimizer={"lr": 3e-3, "warmup_steps": 2},
+        checkpoint={"every_steps": 4, "keep": 3},
+    )
     return root, cfg
 
 
@@ -246,22 +237,12 @@ def test_two_processes_stop_at_the_same_step_and_share_the_lock_verdict(tmp_path
     run.mkdir()
     (run / run_lock.LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(),
                                                       "started": "now", "proc_start": None}))
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     worker = tmp_path / "worker.py"
     worker.write_text(TWO_PROCESS_WORKER)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(PACKAGE.parent)}
-    procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(tmp_path), str(run)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
+    wait_workers(start_workers(worker, [[i, port, tmp_path, run] for i in range(2)], env), timeout=120)
     results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
     assert [r["stopped"] for r in results] == [3, 3]
     assert [r["received"] for r in results] == [None, signal.SIGTERM]

@@ -44,10 +44,8 @@ from jaxalign.report import build_report, write_report
 from jaxalign.sharding import make_mesh, use_mesh
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import Trainer, check_run_dir
+from tiny_runs import TINY_LLAMA
 
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "tie_word_embeddings": True}
 
 
 class FakeGCS(DirFileSystem):

@@ -28,11 +28,8 @@ from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.sharding import make_mesh, use_mesh
 from jaxalign.train.loop import Trainer
-from run_files import read_metrics
+from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics
 
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "tie_word_embeddings": True}
 SFT_STEPS = 30
 
 
@@ -40,21 +37,14 @@ SFT_STEPS = 30
 def base(shared_data, tmp_path_factory):
     """The SFT config every test derives from (as a plain dict), in a module-wide tmp dir."""
     root = tmp_path_factory.mktemp("train_loop")
-    cfg = {
-        "stage": "sft",
-        "output_dir": str(root / "sft"),
-        "model": {"config": dict(TINY_LLAMA)},
-        "tokenizer": {"path": str(shared_data / "llama2-tokenizer.model"), "chat_template": "plain"},
-        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-        "data": {"train": str(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz"), "format": "preference",
-                 "sft_from_preference": True, "max_rows": 400, "eval_fraction": 0.15, "max_length": 128,
-                 "max_prompt_length": 64, "pad_to_multiple_of": 64, "on_bad_row": "skip",
-                 "cache_dir": str(root / "cache")},  # shared, so every run tokenizes once
-        "train": {"batch_size": 8, "max_steps": SFT_STEPS, "eval_every": 10, "log_every": 1},
-        "eval": {"batch_size": 16},
-        "optimizer": {"lr": 3e-3, "warmup_steps": 5, "weight_decay": 0.01},
-        "checkpoint": {"every_steps": 10, "keep": 2},
-    }
+    cfg = hh_sft_config(
+        shared_data, root / "sft", root / "cache",  # the cache is shared, so every run tokenizes once
+        data={"max_rows": 400, "eval_fraction": 0.15, "max_length": 128, "max_prompt_length": 64},
+        train={"batch_size": 8, "max_steps": SFT_STEPS, "eval_every": 10, "log_every": 1},
+        eval={"batch_size": 16},
+        optimizer={"lr": 3e-3, "warmup_steps": 5, "weight_decay": 0.01},
+        checkpoint={"every_steps": 10, "keep": 2},
+    )
     return root, cfg
 
 

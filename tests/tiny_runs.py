@@ -1,0 +1,39 @@
+"""The tiny training runs the loop, reliability, multi-host and gs:// tests are built from: a 2-layer
+Llama with the real Llama 2 tokenizer, SFT on HH-RLHF chosen replies, and a reader of its metrics."""
+
+import json
+import pathlib
+
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "tie_word_embeddings": True}
+
+
+def hh_sft_config(shared_data: pathlib.Path, output_dir: pathlib.Path, cache_dir: pathlib.Path, *,
+                  data: dict, mesh: dict | None = None, **sections: dict) -> dict:
+    """A plain-dict SFT config on shared_data's HH-RLHF file; `data` adds to the data section (rows,
+    lengths, eval split), `sections` (train, eval, optimizer, checkpoint, ...) are taken as given."""
+    return {
+        "stage": "sft",
+        "output_dir": str(output_dir),
+        "model": {"config": dict(TINY_LLAMA)},
+        "tokenizer": {"path": str(shared_data / "llama2-tokenizer.model"), "chat_template": "plain"},
+        "mesh": mesh or {"data": 1, "fsdp": -1, "tensor": 1},
+        "data": {"train": str(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz"), "format": "preference",
+                 "sft_from_preference": True, "pad_to_multiple_of": 64, "on_bad_row": "skip",
+                 "cache_dir": str(cache_dir), **data},
+        **sections,
+    }
+
+
+def read_metrics(run: pathlib.Path) -> tuple[dict[int, dict], list[dict]]:
+    """(train records by step, eval records in order) of RUN/metrics.jsonl; a step logged twice fails."""
+    train, evals = {}, []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if any(k.startswith("eval/") for k in record):
+            evals.append(record)
+        else:
+            assert record["step"] not in train, f"step {record['step']} logged twice"
+            train[record["step"]] = record
+    return train, evals
