@@ -20,10 +20,12 @@ Every process runs the same program; each sees all devices (`jax.devices()`) and
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from jaxalign.errors import JaxalignError
 
@@ -172,3 +174,53 @@ def _on_tpu_vm() -> bool:
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
     except Exception:  # a private helper: if it moves, fall back to "not a TPU VM"
         return False
+
+
+# ----------------------------------------------------------------------------- agreement
+
+_AGREE_BYTES = 4096  # one process's verdict: its error (cut to fit) and the values it must share
+
+
+def agree(what: str, step, values: dict[str, str] | None = None) -> Any:
+    """Run `step()` on every process, then make sure all of them succeeded and hold equal `values`.
+
+    One collective (an all-gather of a small byte array per process), so a failure on any process (a
+    bad file, a full disk on process 0) ends every process with the same error instead of leaving the
+    others waiting in the job's next collective. `values` (name -> string, e.g. fingerprints) may be a
+    callable of step's result. A single process runs `step` alone and lets its errors through as they are.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        result = step()
+        if callable(values):
+            values(result)
+        return result
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    result, error = None, ""
+    try:
+        result = step()
+        shared = values(result) if callable(values) else (values or {})
+    except JaxalignError as e:
+        error, shared = str(e), {}
+    except Exception as e:  # noqa: BLE001  (reported to every process, then raised as a JaxalignError)
+        error, shared = f"{type(e).__name__}: {e}", {}
+    mine = json.dumps({"error": error[:_AGREE_BYTES // 2], "values": shared}).encode()[:_AGREE_BYTES]
+    buf = np.zeros(_AGREE_BYTES, np.uint8)
+    buf[:len(mine)] = np.frombuffer(mine, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(buf)).reshape(-1, _AGREE_BYTES)
+    verdicts = [json.loads(bytes(row).rstrip(b"\0").decode(errors="replace")) for row in gathered]
+    for i, v in enumerate(verdicts):
+        if v["error"]:
+            raise JaxalignError(f"{what} failed on process {i} of {len(verdicts)}: {v['error']}")
+    for name in verdicts[0]["values"]:
+        seen = [v["values"].get(name) for v in verdicts]
+        if len(set(seen)) > 1:
+            raise JaxalignError(
+                f"{what}: the processes disagree on the {name} ("
+                + ", ".join(f"process {i}: {s}" for i, s in enumerate(seen))
+                + "); every process must see the same config, data files and checkpoints (a shared "
+                "filesystem, or identical copies on every host)")
+    return result
