@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: launch/gpu.sh --config FILE [--set KEY=VALUE]... [--job train|pipeline] [--resume]
+usage: launch/gpu.sh --config FILE [--set KEY=VALUE]... [--job train|pipeline] [--resume] [--restarts N]
                      [--gpus 0,1,...] [--mem-fraction F] [--log FILE]
                      [--nodes N --node-rank R --coordinator HOST:PORT] [--dry-run]
 
@@ -27,17 +27,23 @@ Environment set here (a value you export yourself wins):
 Options:
   --job train|pipeline   the jaxalign command (default train)
   --resume               continue the run in output_dir
+  --restarts N           when the job exits 75 (stopped early by a signal that reached it, not this
+                         script: resumable), start it again with --resume, up to N times (default 0)
   --gpus LIST            CUDA_VISIBLE_DEVICES for this process
   --log FILE             also write the output to FILE (tee)
   --dry-run              print the environment and the command instead of running it
   -h, --help             this help
+
+Exit status: the job's: 0 finished, 75 stopped early and resumable (run again with --resume; under
+SLURM, e.g. `scontrol requeue $SLURM_JOB_ID`), 2 a bad config or usage, 1 an unexpected error.
+A SIGTERM or SIGINT sent to this script is passed on to the job, which checkpoints and exits 75.
 EOF
 }
 
 die() { echo "launch/gpu.sh: error: $*" >&2; echo "run launch/gpu.sh --help for usage" >&2; exit 2; }
 need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value"; }
 
-CONFIG="" JOB="train" GPUS="" MEM_FRACTION="" LOG="" NODES="" NODE_RANK="" COORDINATOR="" DRY=0 RESUME=0
+CONFIG="" JOB="train" GPUS="" MEM_FRACTION="" LOG="" NODES="" NODE_RANK="" COORDINATOR="" DRY=0 RESUME=0 RESTARTS=0
 SETS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -45,6 +51,7 @@ while [[ $# -gt 0 ]]; do
     --set) need_value "$@"; [[ "$2" == *=* ]] || die "--set expects KEY=VALUE, got '$2'"; SETS+=("$2"); shift 2 ;;
     --job) need_value "$@"; JOB="$2"; shift 2 ;;
     --resume) RESUME=1; shift ;;
+    --restarts) need_value "$@"; RESTARTS="$2"; shift 2 ;;
     --gpus) need_value "$@"; GPUS="$2"; shift 2 ;;
     --mem-fraction) need_value "$@"; MEM_FRACTION="$2"; shift 2 ;;
     --log) need_value "$@"; LOG="$2"; shift 2 ;;
@@ -59,6 +66,7 @@ done
 
 [[ -n "$CONFIG" ]] || die "--config is required"
 [[ "$JOB" == train || "$JOB" == pipeline ]] || die "--job must be train or pipeline, got '$JOB'"
+[[ "$RESTARTS" =~ ^[0-9]+$ ]] || die "--restarts must be a non-negative integer, got '$RESTARTS'"
 [[ -z "$GPUS" || "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus must be a list of GPU numbers like 0,1,2,3, got '$GPUS'"
 [[ -z "$MEM_FRACTION" || "$MEM_FRACTION" =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] || die "--mem-fraction must be in (0, 1], got '$MEM_FRACTION'"
 if [[ -n "$NODES$NODE_RANK$COORDINATOR" ]]; then
@@ -103,9 +111,30 @@ if (( DRY )); then
   [[ -n "$LOG" ]] && echo "(output also written to $LOG)"
   exit 0
 fi
-if [[ -n "$LOG" ]]; then
-  mkdir -p "$(dirname "$LOG")"
-  "${CMD[@]}" 2>&1 | tee "$LOG"
-  exit "${PIPESTATUS[0]}"
-fi
-exec "${CMD[@]}"
+if [[ -n "$LOG" ]]; then mkdir -p "$(dirname "$LOG")"; fi
+(( RESTARTS == 0 )) && [[ -z "$LOG" ]] && exec "${CMD[@]}"
+
+# Run the job as a child: a signal to this script goes on to it (and then no restart follows).
+SIGNALLED=0 CHILD=""
+forward() { SIGNALLED=1; [[ -n "$CHILD" ]] && kill "-$1" "$CHILD" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+attempt=0
+while :; do
+  if [[ -n "$LOG" ]]; then
+    "${CMD[@]}" > >(tee -a "$LOG") 2>&1 &
+  else
+    "${CMD[@]}" &
+  fi
+  CHILD=$!
+  code=0
+  wait "$CHILD" || code=$?
+  while kill -0 "$CHILD" 2>/dev/null; do code=0; wait "$CHILD" || code=$?; done  # wait returns on a trapped signal
+  if (( code == 75 && SIGNALLED == 0 && attempt < RESTARTS )); then
+    attempt=$((attempt + 1))
+    echo "launch/gpu.sh: the job stopped early (exit 75); restart $attempt of $RESTARTS with --resume" >&2
+    [[ " ${CMD[*]} " == *" --resume "* ]] || CMD+=(--resume)
+    continue
+  fi
+  exit "$code"
+done

@@ -31,6 +31,13 @@ Options:
 
 Data, checkpoints and run dirs: paths in the config are read on every worker and passed through
 untouched; gs:// URLs work for all of them but data.cache_dir (see launch/README.md).
+
+Preemption (Spot slices): the workers get SIGTERM; the job finishes its step, writes a checkpoint
+to output_dir and exits 75 ("stopped early, resumable"; --logs shows "preempted: stopped after
+step N"). Once the slice is back (--delete, then --create it again; a queued resource asks again),
+start the same job with --resume: `train` continues from the newest checkpoint, and `pipeline`
+skips its finished stages and resumes the unfinished one. Keep output_dir on gs:// so it outlives
+the slice.
 EOF
 }
 

@@ -170,3 +170,64 @@ def test_gpu_multi_node_exports_the_process_group_and_keeps_user_flags():
 def test_gpu_usage_errors_exit_2(args, message):
     out = run(GPU, *args, "--dry-run")
     assert out.returncode == 2 and message in out.stderr, (out.stdout, out.stderr)
+
+
+# --- gpu.sh, running: exit 75 restarts, signals passed on ------------------------------------------
+
+FAKE_JOB = """#!/usr/bin/env bash
+# Stands in for the interpreter: logs its arguments, exits with the next code of $CODES (then 0).
+echo "$*" >> "$CALLS"
+n=$(wc -l < "$CALLS")
+code=$(echo "$CODES" | cut -d, -f"$n")
+if [[ "$code" == wait ]]; then
+  trap 'kill $sleeper; echo got TERM >> "$CALLS"; exit 75' TERM
+  sleep 30 & sleeper=$!
+  touch "$CALLS.ready"; wait; exit 1
+fi
+exit "${code:-0}"
+"""
+
+
+@pytest.fixture
+def fake_job(tmp_path):
+    script = tmp_path / "python"
+    script.write_text(FAKE_JOB)
+    script.chmod(0o755)
+    calls = tmp_path / "calls"
+    return lambda codes: ({"PYTHON": str(script), "CALLS": str(calls), "CODES": codes}, calls)
+
+
+def test_gpu_restarts_a_job_that_exits_75_with_resume(fake_job):
+    env, calls = fake_job("75,75,0")
+    out = run(GPU, "--config", CONFIG, "--restarts", "3", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = calls.read_text().splitlines()
+    assert lines == [f"-m jaxalign.cli train --config {CONFIG}"] + [f"-m jaxalign.cli train --config {CONFIG} --resume"] * 2
+    assert "restart 2 of 3 with --resume" in out.stderr
+
+
+def test_gpu_restarts_are_bounded_and_other_exit_codes_pass_through(fake_job, tmp_path):
+    env, calls = fake_job("75,75,75")
+    assert run(GPU, "--config", CONFIG, "--restarts", "1", env=env).returncode == 75
+    assert len(calls.read_text().splitlines()) == 2
+    calls.unlink()
+    env, calls = fake_job("2")
+    assert run(GPU, "--config", CONFIG, "--restarts", "4", "--log", str(tmp_path / "log" / "job.log"), env=env).returncode == 2
+    assert len(calls.read_text().splitlines()) == 1
+
+
+def test_gpu_passes_sigterm_on_to_the_job_and_does_not_restart_it(fake_job):
+    import signal
+    import time
+
+    env, calls = fake_job("wait,0")
+    proc = subprocess.Popen(["bash", str(GPU), "--config", CONFIG, "--restarts", "5"], cwd=REPO,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not pathlib.Path(f"{calls}.ready").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 75  # the job's "stopped early, resumable", passed up to the scheduler
+    assert calls.read_text().splitlines()[1:] == ["got TERM"]  # no restart after a signal to the wrapper
