@@ -44,19 +44,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jaxalign.config import load_config
+    from jaxalign.config import load_stage_config
+    from jaxalign.train.lifecycle import EXIT_PREEMPTED, PREEMPTED
     from jaxalign.train.loop import train
 
-    cfg = load_config(args.config, args.set)
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    summary = train(load_stage_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
-    return 0
+    return EXIT_PREEMPTED if summary["state"] == PREEMPTED else 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="run one stage (SFT or DPO, from the config's `stage`)",
-                       description="Train one stage. The run dir (output_dir) receives config.yaml, "
-                                   "metrics.jsonl, checkpoints/{step}/, best.json and summary.json.")
+                       description="Train one stage: the config's `stage`, with its `{stage}.overrides` applied "
+                                   "(as `pipeline` runs it). The run dir (output_dir) receives config.yaml, "
+                                   "status.json, metrics.jsonl, checkpoints/{step}/, best.json and summary.json. "
+                                   "Exit status: 0 finished, 75 stopped early by SIGTERM/SIGINT (resumable: run "
+                                   "again with --resume), 2 a bad config, data or run dir, 1 an unexpected error, "
+                                   "130 aborted by a second SIGINT.")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
@@ -64,17 +68,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from jaxalign.config import load_config
+    from jaxalign.config import load_stage_config
     from jaxalign.data.inspect import inspect_data
     from jaxalign.data.pipeline import load_examples
     from jaxalign.train.loop import run_tokenizer
 
-    cfg = load_config(args.config, args.set)
-    stages = [args.stage] if args.stage else [cfg.stage]
+    cfg = load_stage_config(args.config, args.set, args.stage)
     tokenizer = run_tokenizer(cfg)
-    for stage in stages:
-        train_examples, _, stats = load_examples(cfg, tokenizer, stage=stage)
-        print(inspect_data(train_examples, flat_counts(stats["train"]), tokenizer, stage, cfg.data))
+    train_examples, _, stats = load_examples(cfg, tokenizer)
+    print(inspect_data(train_examples, flat_counts(stats["train"]), tokenizer, cfg.stage, cfg.data))
     return 0
 
 
@@ -94,7 +96,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "near-identical pairs (DPO), and one decoded example with trained tokens "
                                      "marked [[like this]].")
     _add_config_args(q)
-    q.add_argument("--stage", choices=["sft", "dpo"], default="", help="inspect as this stage (default: the config's)")
+    q.add_argument("--stage", choices=["sft", "dpo"], default="", help="inspect as this stage, with its {stage}.overrides (default: the config's)")
     _COMMANDS["data"] = _data
 
 
@@ -127,9 +129,14 @@ def _pipeline(args: argparse.Namespace) -> int:
     from jaxalign.config import load_config
     from jaxalign.paths import as_path
     from jaxalign.pipeline import run_pipeline
+    from jaxalign.train.lifecycle import EXIT_PREEMPTED, Preempted
 
     cfg = load_config(args.config, args.set)
-    report = run_pipeline(cfg)
+    try:
+        run_pipeline(cfg, args.set)
+    except Preempted as e:
+        print(f"jaxalign pipeline: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print((as_path(cfg.output_dir) / "report" / "report.md").read_text())
     return 0
 
@@ -140,8 +147,12 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
                                    "the best SFT checkpoint, evaluate base/SFT/DPO on the same held-out data, "
                                    "write the report and export the DPO model to Hugging Face format. Per-stage "
                                    "settings come from sft.overrides / dpo.overrides; finished stages are skipped "
-                                   "on a re-run.")
+                                   "on a re-run and unfinished ones resumed. Exit status: 0 finished, 75 stopped "
+                                   "early by SIGTERM/SIGINT (resumable: run it again), 2 a bad config, data or run "
+                                   "dir or a missed gate, 1 an unexpected error, 130 aborted by a second SIGINT.")
     _add_config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="accepted for symmetry with train: a pipeline always resumes its unfinished stages")
     _COMMANDS["pipeline"] = _pipeline
 
 
@@ -170,14 +181,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     # Orbax logs every checkpoint step through absl at INFO; keep it for --verbose.
     logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)
+    from jaxalign.preemption import PreemptionWatch
+    from jaxalign.train.lifecycle import EXIT_INTERRUPTED, EXIT_USAGE
+
     try:
         from jaxalign.distributed import initialize_from_cli
 
         initialize_from_cli(args)
+        if args.command in ("train", "pipeline"):  # a stop signal from here on is kept, never fatal mid-write
+            with PreemptionWatch():
+                return _COMMANDS[args.command](args)
         return _COMMANDS[args.command](args)
     except JaxalignError as e:
         print(f"jaxalign {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        print(f"jaxalign {args.command}: aborted: {e or 'interrupted'}; the last complete checkpoint is kept "
+              "(continue with --resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

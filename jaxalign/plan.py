@@ -620,9 +620,9 @@ def suggestions(cfg, p: Plan, config_path: str = "") -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jaxalign.config import load_config
+    from jaxalign.config import load_stage_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_stage_config(args.config, args.set)
     result = plan(cfg, accelerator=args.accelerator, mesh=parse_mesh(args.mesh) if args.mesh else None,
                   devices=args.devices, mfu=args.mfu, config_path=args.config)
     print(result.report())

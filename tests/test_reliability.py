@@ -18,13 +18,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import yaml
 from flax import nnx
 
 from jaxalign import model_io, run_lock
@@ -35,106 +33,29 @@ from jaxalign.config import load_config
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.sharding import make_mesh, use_mesh
+from jaxalign.train import lifecycle
+from jaxalign.train.lifecycle import EXIT_PREEMPTED
 from jaxalign.train.loop import Trainer, check_model_source
 from local_processes import free_port, start_workers, wait_workers
-from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics
+from run_faults import (
+    FAULT_STEPS as STEPS, assert_same_losses, fault_config, logged_steps, start_cli, tmp_dirs, train_reference,
+    wait_for, write_config,
+)
+from tiny_runs import TINY_LLAMA, read_metrics
 
-STEPS = 12
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxalign"
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (in-process and in subprocesses): a run after the
-    first reuses its executables instead of compiling them again. Restored afterwards."""
-    from jax._src import compilation_cache
-
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    old = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
 def base(shared_data, tmp_path_factory, jax_cache):
     root = tmp_path_factory.mktemp("reliability")
-    cfg = hh_sft_config(
-        shared_data, root / "ref", root / "cache",
-        data={"max_rows": 96, "eval_fraction": 0.2, "max_length": 64, "max_prompt_length": 32},
-        train={"batch_size": 8, "max_steps": STEPS, "eval_every": 6, "eval_batches": 1, "log_every": 1},
-        eval={"batch_size": 8},
-        optimizer={"lr": 3e-3, "warmup_steps": 2},
-        checkpoint={"every_steps": 4, "keep": 3},
-    )
-    return root, cfg
-
-
-def write_config(root: pathlib.Path, name: str, cfg: dict, sets=()) -> tuple[pathlib.Path, object]:
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**cfg, "output_dir": str(root / name)}))
-    return path, load_config(path, list(sets))
-
-
-def logged_steps(run: pathlib.Path) -> list[int]:
-    """Steps in a live or killed run's metrics.jsonl (its last line may be cut short)."""
-    steps = []
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                steps.append(json.loads(line)["step"])
-            except json.JSONDecodeError:
-                pass
-    return steps
-
-
-def tmp_dirs(run: pathlib.Path) -> list[str]:
-    ckpts = run / "checkpoints"
-    return sorted(p.name for p in ckpts.iterdir() if "orbax-checkpoint-tmp" in p.name) if ckpts.is_dir() else []
-
-
-def assert_same_losses(run: pathlib.Path, ref: pathlib.Path) -> None:
-    """Every step logged once, with bitwise the uninterrupted run's loss and grad norm; same evals."""
-    got, got_evals = read_metrics(run)
-    want, want_evals = read_metrics(ref)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in got:
-        assert (got[step]["loss"], got[step]["grad_norm"]) == (want[step]["loss"], want[step]["grad_norm"]), step
-    assert [(r["step"], r["eval/loss"]) for r in got_evals] == [(r["step"], r["eval/loss"]) for r in want_evals]
-
-
-def start_cli(config: pathlib.Path, env_extra: dict, *args: str) -> subprocess.Popen:
-    env = {**os.environ, **env_extra}
-    return subprocess.Popen([sys.executable, "-m", "jaxalign.cli", "train", "--config", str(config), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the run exited ({proc.returncode}) before {what}:\n{err[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(poll)
+    return root, fault_config(shared_data, root)
 
 
 @pytest.fixture(scope="module")
 def reference(base):
     """The uninterrupted run every fault test compares with (checkpoints at 4, 8, 12; evals at 6, 12)."""
-    root, cfg = base
-    _, config = write_config(root, "ref", cfg)
-    summary = Trainer(config).train()
-    run = pathlib.Path(config.output_dir)
-    assert summary["steps"] == STEPS and not (run / run_lock.LOCK_FILE).exists()
-    return run
+    return train_reference(*base)
 
 
 # --- 1, 2, 5: preemption, a kill during an async checkpoint write, a second run on the same dir -----------
@@ -142,7 +63,7 @@ def reference(base):
 def test_sigterm_then_sigkill_during_a_save_then_resume_matches_uninterrupted_run(base, reference, jax_cache,
                                                                                    caplog):
     """`jaxalign train` in a subprocess gets SIGTERM mid-run: it finishes the step, writes a checkpoint of
-    it, waits for the write and exits 0 (a second run on the dir meanwhile is refused). `--resume`
+    it, waits for the write and exits 75, status "preempted" (a second run on the dir meanwhile is refused). `--resume`
     (checkpointing every step) is SIGKILLed while an async save is in flight. A last resume takes over
     the stale lock, ignores and removes the half-written step and ends with the uninterrupted run's
     losses, bitwise, each step logged once."""
@@ -160,10 +81,11 @@ def test_sigterm_then_sigkill_during_a_save_then_resume_matches_uninterrupted_ru
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]  # "stopped early, resumable"
     summary = json.loads((run / "summary.json").read_text())
     stopped = summary["stopped_at"]
-    assert summary["preempted"] is True and 3 <= stopped < STEPS, summary
+    assert summary["preempted"] is True and summary["state"] == "preempted" and 3 <= stopped < STEPS, summary
+    assert lifecycle.read_status(run)["state"] == "preempted" and lifecycle.read_status(run)["step"] == stopped
     assert f"received SIGTERM: stopping after step {stopped}" in err and "continue with --resume" in err
     assert max(logged_steps(run)) == stopped  # no step lost: the checkpoint is of the last step run
     assert (run / "checkpoints" / str(stopped) / "params").is_dir() and not tmp_dirs(run)
@@ -190,13 +112,15 @@ def test_sigterm_then_sigkill_during_a_save_then_resume_matches_uninterrupted_ru
     killed_at = max(logged_steps(run))
     assert json.loads((run / run_lock.LOCK_FILE).read_text())["pid"] == proc.pid  # left behind by the kill
 
+    assert lifecycle.read_status(run)["state"] == "running"  # as the kill left it: not finished
     with caplog.at_level(logging.WARNING):
         trainer = Trainer(config, resume=True)
     assert "taking over the stale lock" in caplog.text and str(proc.pid) in caplog.text
     resumed = int(trainer.state.step)
     assert stopped <= resumed <= killed_at and str(resumed) in {p.name for p in (run / "checkpoints").iterdir()}
     trainer.train()
-    assert_same_losses(run, reference)
+    assert lifecycle.read_status(run)["state"] == "finished"
+    assert_same_losses(run, reference, STEPS)
     assert not tmp_dirs(run), f"partial checkpoint {partial} not cleaned up"
     assert not (run / run_lock.LOCK_FILE).exists()
 
@@ -284,7 +208,7 @@ def test_corrupt_or_mismatched_checkpoints_are_named_and_resume_falls_back(base,
     best = run / model_io.BEST_FILE  # re-derived from the checkpoints that restore (none of which has an eval)
     assert not best.exists() or json.loads(best.read_text())["step"] != 12
     trainer.train()  # the steps after it again, as the uninterrupted run had them
-    assert_same_losses(run, reference)
+    assert_same_losses(run, reference, STEPS)
     assert (run / "checkpoints" / "12" / "params").is_dir()  # written again, whole
 
     # Checkpoints of another architecture, or another vocabulary, than the run's model: --resume names
@@ -365,7 +289,7 @@ def test_nonfinite_gradients_stop_names_step_batch_and_last_good_checkpoint(base
     run = pathlib.Path(config.output_dir)
     with pytest.raises(JaxalignError, match=r"non-finite loss or gradients at step 2 \(epoch 0, batch 1 of the "
                                             rf"epoch\); the update was not applied; last good checkpoint: "
-                                            rf"{run}/checkpoints/1$"):
+                                            rf"{run}/checkpoints/1\. Lower optimizer.lr"):
         Trainer(config).train()
     train, _ = read_metrics(run)
     assert sorted(train) == [1] and np.isfinite(train[1]["loss"])

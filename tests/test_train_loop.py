@@ -28,6 +28,7 @@ from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.sharding import make_mesh, use_mesh
 from jaxalign.train.loop import Trainer
+from run_faults import logged_steps
 from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics
 
 SFT_STEPS = 30
@@ -137,7 +138,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(base, sft_run):
         deadline = time.monotonic() + 240
         # Killed a few steps past a complete checkpoint: those steps are lost and must be redone.
         while not ((run / "checkpoints" / "10" / "params").is_dir()
-                   and max(read_metrics_lenient(run), default=0) >= 12):
+                   and max(logged_steps(run), default=0) >= 12):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint at step 10 in time"
             time.sleep(0.05)
@@ -146,7 +147,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(base, sft_run):
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = max(read_metrics_lenient(run))
+    killed_at = max(logged_steps(run))
     assert 12 <= killed_at < SFT_STEPS, "the run finished before it was killed"
 
     with pytest.raises(JaxalignError, match="already holds a run"):
@@ -165,19 +166,6 @@ def test_resume_after_sigkill_matches_uninterrupted_run(base, sft_run):
     ref_evals = read_metrics(run_ref)[1]
     assert [r["eval/loss"] for r in evals] == [r["eval/loss"] for r in ref_evals]
     assert not [p for p in (run / "checkpoints").iterdir() if "tmp" in p.name]
-
-
-def read_metrics_lenient(run: pathlib.Path) -> list[int]:
-    """Train steps logged in a killed run's metrics.jsonl (its last line may be cut short)."""
-    steps = []
-    if not (run / "metrics.jsonl").is_file():
-        return steps
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:
-            pass
-    return steps
 
 
 def test_checkpoint_restores_onto_another_mesh(base, sft_run, tmp_path):

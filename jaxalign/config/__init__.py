@@ -32,7 +32,7 @@ from jaxalign.paths import as_path, isfile, write_text_atomic
 
 __all__ = [
     "SCHEMA", "Field", "default_config", "load_config", "apply_overrides", "validate",
-    "save_config", "config_to_dict", "schema_help", "stage_config",
+    "save_config", "config_to_dict", "schema_help", "stage_config", "load_stage_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -367,3 +367,12 @@ def stage_config(cfg: ConfigDict, stage: str, extra: Iterable[str] = ()) -> Conf
         return validate(apply_overrides(cfg, [*sets, *extra]))
     except JaxalignError as e:
         raise JaxalignError(f"{stage}.overrides: {e}") from None
+
+
+def load_stage_config(path: str | os.PathLike, overrides: Iterable[str] = (), stage: str = "") -> ConfigDict:
+    """The config one stage runs with, resolved as every command resolves it (`train`, `eval`, `plan`,
+    `data inspect`, each stage of `pipeline`): the file, then `{stage}.overrides` of the stage (`stage`,
+    else the config's own), then the `--set` overrides, the most explicit, again on top."""
+    overrides = list(overrides)
+    cfg = load_config(path, overrides)
+    return stage_config(cfg, stage or cfg.stage, overrides)

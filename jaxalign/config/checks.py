@@ -71,7 +71,7 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
         errors.append(("train.micro_batch_size",
                        f"train.batch_size ({t['batch_size']}) must be divisible by "
                        f"train.micro_batch_size ({t['micro_batch_size']})"))
-    for key in ("eval_every", "eval_batches", "seed"):
+    for key in ("eval_every", "eval_batches", "seed", "max_nonfinite_skips"):
         need(t[key] >= 0, f"train.{key}", "must be >= 0")
     need(t["log_every"] >= 1, "train.log_every", "must be >= 1")
 

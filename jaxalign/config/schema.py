@@ -104,6 +104,7 @@ SCHEMA: dict[str, Any] = {
         "seed": F(0, "seed for init, shuffling and dropout"),
         "on_nonfinite": F("skip", "on a NaN/inf loss or grad: skip the update or stop the run",
                           ("skip", "stop")),
+        "max_nonfinite_skips": F(10, "with on_nonfinite: skip, stop after this many skipped steps in a row"),
     },
     "optimizer": {
         "name": F("adamw", "optimizer", ("adamw", "sgd")),

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
-import jax
-
-from jaxalign import paths
 from jaxalign.data.sources import load_rows, split_train_eval
 from jaxalign.data.tokenize import DataStats, resolve_cache_dir, tokenize_dataset
+from jaxalign.errors import JaxalignError
 
 log = logging.getLogger(__name__)
 
@@ -20,15 +17,20 @@ def _examples(ds) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in ds.to_list()]
 
 
-def load_examples(cfg, tokenizer, run_dir: paths.PathLike | None = None,
-                  stage: str | None = None) -> tuple[list[dict], list[dict], dict[str, DataStats]]:
+def load_examples(cfg, tokenizer, stage: str | None = None) -> tuple[list[dict], list[dict], dict[str, DataStats]]:
     """(train examples, held-out examples, stats by split) for `stage` (default cfg.stage).
 
     The held-out set is `data.eval` when given, else a seeded `data.eval_fraction` of `data.train`.
-    Stats (every truncation and drop, by reason) go to RUN/data_stats.json.
+    Stats: every truncation and drop, by reason (a run writes them to RUN/data_stats.json). Writes
+    nothing but the tokenized cache.
     """
     stage = stage or cfg.stage
     data = cfg.data
+    if not data.train:
+        raise JaxalignError(
+            f"data.train is empty: set data.train to the {stage.upper()} training data (a file, dir, glob or hub "
+            f"id), or, in a pipeline config, {stage}.overrides.data.train (every command applies the overrides of "
+            "the config's `stage`)")
     rows = load_rows(data.train, data.split, data.max_rows)
     train_rows, held_out = split_train_eval(rows, data.eval_fraction, cfg.train.seed)
     if data.eval:
@@ -47,7 +49,4 @@ def load_examples(cfg, tokenizer, run_dir: paths.PathLike | None = None,
         eval_examples = _examples(eval_ds)
     for split, s in stats.items():
         log.info("%s data: %s", split, s.summary())
-    if run_dir is not None and jax.process_index() == 0:
-        path = paths.as_path(run_dir) / "data_stats.json"
-        path.write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=2, default=str))
     return _examples(train_ds), eval_examples, stats

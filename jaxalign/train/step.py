@@ -1,7 +1,8 @@
 """The train and eval steps: pure functions, jit-compiled with explicit shardings, state donated.
 
 One step = normalisers of the whole batch -> for each micro-batch, value_and_grad of the stage's
-objective (summed) -> optax update, skipped when the loss or gradients are not finite.
+objective (summed) -> optax update, skipped when the loss, the gradients or the updated weights are
+not finite.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def split_micro_batches(batch: Batch, k: int, paired: bool) -> Batch:
     return {name: split(x) for name, x in batch.items()}
 
 
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, accum_steps: int = 1) -> Callable:
     """step(state, batch, ref_params) -> (state, metrics). ref_params is None unless a live reference."""
@@ -119,12 +124,16 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, optimizer: opt
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # A non-finite step leaves the state as it was; the loop counts or stops on it.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        # A finite gradient can still overflow the weights (a huge lr, bf16 params): checked too.
+        weights_finite = all_finite(params)
+        ok = finite & weights_finite
+        # A refused step leaves the state as it was; the loop counts or stops on it.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state))
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "nonfinite": (~finite).astype(jnp.int32), **{f"num_{k}": v for k, v in norms.items()},
+                   # 0: applied; 1: non-finite loss or gradients; 2: the update made the weights non-finite.
+                   "nonfinite": jnp.where(finite, jnp.where(weights_finite, 0, 2), 1).astype(jnp.int32), **{f"num_{k}": v for k, v in norms.items()},
                    # Non-padding tokens of the global batch (every process's rows), for tokens/s.
                    "num_input_tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.int32))}
         return new_state, metrics
