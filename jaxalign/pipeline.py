@@ -1,13 +1,21 @@
 """`jaxalign pipeline`: SFT -> eval SFT -> gate -> DPO from the best SFT checkpoint -> eval base/SFT/DPO
--> report -> export the DPO model to Hugging Face format. Re-running skips finished stages.
+-> report -> export the DPO model to Hugging Face format. Re-running skips finished stages and resumes
+unfinished ones.
 
-Layout under output_dir: base/ (the starting model, when it is randomly initialised), sft/ and dpo/
-(run dirs), gate.json, report/ (report.md, report.json, plots, generations), export/ (HF format).
+Layout under output_dir: run.lock and status.json of the pipeline itself, base/ (the starting model,
+when it is randomly initialised), sft/ and dpo/ (run dirs), gate.json, report/ (report.md,
+report.json, plots, generations), export/ (HF format).
 
-What a re-run skips: a stage whose run dir holds summary.json; the gate's skill measurement and the
-report when gate.json / report.json are newer than the runs they measured and were made with the same
-settings (`eval_fingerprint`); the export when export/config.json exists. A changed
-eval.min_sft_skill is applied to the recorded skill without measuring it again.
+What a re-run skips: a stage whose status.json says `finished` (a stage left `running` by a kill,
+`preempted` or `failed` is resumed from its newest checkpoint); base/ and export/ when their COMPLETE
+marker is there (a half-written one is written again); the gate's skill measurement and the report
+when gate.json / report.json are newer than the runs they measured and were made with the same
+settings (`eval_fingerprint`). A changed eval.min_sft_skill is applied to the recorded skill without
+measuring it again.
+
+A SIGTERM (or a first SIGINT) stops the stage that is training after its current step, with a
+checkpoint; between stages it stops before the next one. Either way `Preempted` is raised (the CLI
+exits 75) and a re-run goes on from there.
 """
 
 from __future__ import annotations
@@ -20,13 +28,16 @@ from typing import Any
 
 import jax
 
-from jaxalign import model_io, paths
+from jaxalign import model_io, paths, run_lock
 from jaxalign.config import config_to_dict, save_config, stage_config
 from jaxalign.convert import save_hf
+from jaxalign.distributed import agree
 from jaxalign.errors import JaxalignError
 from jaxalign.evaluate import run_eval, skill_of
 from jaxalign.models import ModelConfig, init_model
+from jaxalign.preemption import PreemptionWatch
 from jaxalign.sharding import make_mesh, merged_rules, use_mesh
+from jaxalign.train import lifecycle
 from jaxalign.train.loop import model_options, run_tokenizer, train
 
 log = logging.getLogger(__name__)
@@ -36,16 +47,14 @@ class SFTGateError(JaxalignError):
     """The SFT model misses eval.min_sft_skill: DPO is not run."""
 
 
-def _finished(run_dir: paths.Path) -> bool:
-    return (run_dir / "summary.json").is_file()
-
-
 def base_model_path(cfg, root: paths.Path) -> str:
     """model.path, or a checkpoint of the randomly initialised model.config written once to root/base."""
     if cfg.model.path:
         return cfg.model.path
     base = root / "base"
-    if not (base / model_io.MODEL_FILE).is_file():
+    if not lifecycle.is_complete(base):
+        if jax.process_index() == 0:
+            lifecycle.clear_incomplete(base, "the base model")
         mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
         rules = merged_rules(dict(cfg.mesh.rules))
         tokenizer = run_tokenizer(cfg)
@@ -59,17 +68,26 @@ def base_model_path(cfg, root: paths.Path) -> str:
         with use_mesh(mesh, rules):
             model = init_model(model_cfg, mesh, rules, seed=cfg.train.seed, **model_options(cfg))
             model_io.save_model_checkpoint(model, base, tokenizer, cfg.model.param_dtype)
+        if jax.process_index() == 0:
+            lifecycle.mark_complete(base)
     return str(base)
 
 
 def run_stage(cfg, stage: str, run_dir: paths.Path, extra: list[str]) -> None:
-    if _finished(run_dir):
+    """Train `stage` in `run_dir` to the end (resuming an unfinished run); Preempted if it stopped early."""
+    if lifecycle.is_finished(run_dir):
         log.info("%s: finished run in %s, skipped", stage.upper(), run_dir)
         return
-    stage_cfg = stage_config(cfg, stage, [f"output_dir={run_dir}", *extra])
+    stage_cfg = stage_config(cfg, stage, [*extra, f"output_dir={run_dir}"])
     resume = (run_dir / "config.yaml").is_file()
-    log.info("%s: %s %s", stage.upper(), "resuming" if resume else "training", run_dir)
-    train(stage_cfg, resume=resume)
+    state = lifecycle.state_of(run_dir)
+    log.info("%s: %s %s", stage.upper(), f"resuming the {state or 'unfinished'} run in" if resume else "training",
+             run_dir)
+    summary = train(stage_cfg, resume=resume)
+    if summary["state"] != lifecycle.FINISHED:
+        raise lifecycle.Preempted(
+            f"{stage.upper()} stopped after step {summary['steps']} of {summary['total_steps']} (checkpoint in "
+            f"{run_dir / 'checkpoints'}); nothing after it ran. Run the same command again to resume")
 
 
 def eval_fingerprint(cfg, models: dict[str, str]) -> str:
@@ -103,7 +121,7 @@ def gate(cfg, sft_dir: paths.Path, root: paths.Path) -> dict[str, Any]:
     eval settings; the threshold is always the current config's."""
     fingerprint = eval_fingerprint(cfg, {"sft": str(sft_dir)})
     path = root / "gate.json"
-    record = _recorded(path, fingerprint, [sft_dir / "summary.json"])
+    record = _recorded(path, fingerprint, [sft_dir / lifecycle.STATUS_FILE])
     if record is not None:
         skill = record["sft_skill"]
         log.info("SFT gate: held-out skill recorded in %s, not measured again", path)
@@ -112,7 +130,7 @@ def gate(cfg, sft_dir: paths.Path, root: paths.Path) -> dict[str, Any]:
     result = {"sft_skill": skill, "min_sft_skill": cfg.eval.min_sft_skill,
               "passed": skill is None or skill >= cfg.eval.min_sft_skill, "fingerprint": fingerprint}
     if jax.process_index() == 0 and record != result:
-        path.write_text(json.dumps(result, indent=2))
+        lifecycle.write_json_atomic(path, result)
     if skill is None:
         log.warning("SFT gate: no task or eval.prompts to measure skill with; DPO runs ungated")
     elif not result["passed"]:
@@ -136,9 +154,12 @@ def export_config(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
 
 
 def export(cfg, dpo_dir: paths.Path, out: paths.Path) -> paths.Path:
-    if (out / "config.json").is_file():
+    """The DPO model in HF format; complete only with its COMPLETE marker (a partial one is redone)."""
+    if lifecycle.is_complete(out):
         log.info("export: %s exists, skipped", out)
         return out
+    if jax.process_index() == 0:
+        lifecycle.clear_incomplete(out, "the export")
     mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
     rules = merged_rules(dict(cfg.mesh.rules))
     tokenizer = run_tokenizer(cfg)
@@ -146,24 +167,62 @@ def export(cfg, dpo_dir: paths.Path, out: paths.Path) -> paths.Path:
         model = model_io.load_model(dpo_dir, mesh, rules)
         save_hf(model, export_config(model.cfg, tokenizer), out, tokenizer=tokenizer,
                 dtype=model_io.source_dtype(dpo_dir))
+    if jax.process_index() == 0:
+        lifecycle.mark_complete(out, model=str(model_io.resolve_model_path(dpo_dir)))
     return out
 
 
-def run_pipeline(cfg) -> dict[str, Any]:
+def run_pipeline(cfg, sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The whole chain in cfg.output_dir; `sets` (the command's --set overrides) are applied to each stage
+    after its {stage}.overrides, as `jaxalign train` applies them. Raises Preempted when stopped early."""
     root = paths.as_path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        save_config(cfg, root / "config.yaml")
+    lock = run_lock.acquire_for_job(root)  # the root's own lock: one pipeline per output dir
+    try:
+        with PreemptionWatch() as preempt:
+            return _run_pipeline(cfg, list(sets), root, preempt)
+    except lifecycle.Preempted as e:
+        _set_state(root, lifecycle.PREEMPTED, str(e))
+        raise
+    except BaseException as e:
+        _set_state(root, lifecycle.FAILED, str(e) or type(e).__name__)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _set_state(root: paths.Path, state: str, message: str = "") -> None:
+    if jax.process_index() == 0 and root.is_dir():
+        lifecycle.write_status(root, state, message=message[:2000])
+
+
+def _run_pipeline(cfg, sets: list[str], root: paths.Path, preempt: PreemptionWatch) -> dict[str, Any]:
+    def between_stages(next_step: str) -> None:
+        if preempt.requested():
+            raise lifecycle.Preempted(f"stopped by a signal before {next_step}; run the same command again to go on")
+
+    def write_root() -> None:
+        if jax.process_index() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, root / "config.yaml")
+            lifecycle.write_status(root, lifecycle.RUNNING)
+
+    agree("preparing the pipeline dir", write_root)
     base = base_model_path(cfg, root)
     sft_dir, dpo_dir = root / "sft", root / "dpo"
     # The stages start from checkpoints, so the inline architecture (model.config) has served its purpose.
-    run_stage(cfg, "sft", sft_dir, [f"model.path={base}", "model.config={}"])
+    between_stages("SFT")
+    run_stage(cfg, "sft", sft_dir, [*sets, f"model.path={base}", "model.config={}"])
+    between_stages("the SFT gate")
     gate_result = gate(cfg, sft_dir, root)
-    run_stage(cfg, "dpo", dpo_dir, [f"dpo.init_from={sft_dir}", "model.config={}"])
+    between_stages("DPO")
+    run_stage(cfg, "dpo", dpo_dir, [*sets, f"dpo.init_from={sft_dir}", "model.config={}"])
+    between_stages("the report")
     models = {"base": base, "sft": str(sft_dir), "dpo": str(dpo_dir)}
     fingerprint = eval_fingerprint(cfg, models)
     report = _recorded(root / "report" / "report.json", fingerprint,
-                       [sft_dir / "summary.json", dpo_dir / "summary.json", paths.as_path(base) / model_io.MODEL_FILE])
+                       [sft_dir / lifecycle.STATUS_FILE, dpo_dir / lifecycle.STATUS_FILE,
+                        paths.as_path(base) / model_io.MODEL_FILE])
     if report is not None:
         log.info("report: %s is up to date, skipped", root / "report" / "report.json")
         report["gate"] = gate_result
@@ -171,6 +230,8 @@ def run_pipeline(cfg) -> dict[str, Any]:
         report = run_eval(cfg, models, root / "report",
                           curves={"sft": sft_dir / "metrics.jsonl", "dpo": dpo_dir / "metrics.jsonl"},
                           extras={"gate": gate_result, "fingerprint": fingerprint})
+    between_stages("the export")
     exported = export(cfg, dpo_dir, root / "export")
+    _set_state(root, lifecycle.FINISHED)
     log.info("report: %s; exported DPO model: %s", root / "report" / "report.md", exported)
     return report

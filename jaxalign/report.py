@@ -137,8 +137,9 @@ def write_report(out_dir: paths.PathLike, report: Mapping[str, Any],
     plots = plot_metric_bars(report, out / "stage_metrics.png")
     if curves:
         plots += plot_training_curves(curves, out / "training_curves.png")
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
-    (out / "report.md").write_text(render_markdown(report, [str(p) for p in plots]))
+    paths.write_text_atomic(out / "report.md", render_markdown(report, [str(p) for p in plots]))
+    # Last, and atomically: a report.json is the mark of a complete report (the pipeline reuses it).
+    paths.write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
     return [out / "report.json", out / "report.md", *plots]
 
 

@@ -137,6 +137,69 @@ def test_two_processes_train_sft_and_dpo_like_one(tmp_path, shared_data):
     print(f"2x4 processes + 1x8 reference: {elapsed:.1f}s")
 
 
+# --- processes that disagree ---------------------------------------------------------------------------
+
+def data_worker(process_id: int, port: int, root: str, shared_data: str) -> None:
+    """One "host" of a 2-process job, in its own dir: a relative data.train names its own local file."""
+    os.environ.update({"JAXALIGN_COORDINATOR": f"localhost:{port}", "JAXALIGN_NUM_PROCESSES": "2",
+                       "JAXALIGN_PROCESS_ID": str(process_id)})
+    root_path = pathlib.Path(root)
+    os.chdir(root_path / f"host-{process_id}")
+    import jax
+
+    from jaxalign.config import load_config
+    from jaxalign.distributed import initialize_from_args_or_env
+    from jaxalign.errors import JaxalignError
+    from jaxalign.train.loop import Trainer
+
+    assert initialize_from_args_or_env()
+    results = {}
+    for case, data in (("different", "data.jsonl"), ("unreadable", "bad.jsonl")):
+        cfg = hh_sft_config(pathlib.Path(shared_data), root_path / "runs" / case, pathlib.Path("cache"),
+                            data={"max_rows": 40, "eval_fraction": 0.1, "max_length": 64, "max_prompt_length": 32},
+                            train={"batch_size": 8, "max_steps": 2, "eval_every": 0})
+        cfg["data"]["train"] = data
+        config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
+        try:
+            Trainer(config)
+            results[case] = "started"
+        except JaxalignError as e:
+            results[case] = str(e)
+    (root_path / f"result-{process_id}.json").write_text(json.dumps(results))
+    jax.distributed.shutdown()
+
+
+def test_processes_that_disagree_on_the_data_all_stop_with_one_message(tmp_path, shared_data):
+    """Each process reads its own copy of data.train (a host's local disk). When the copies differ, every
+    process stops before any training collective with the same message naming the data fingerprint of
+    each; when one process cannot read its copy, every process stops with that process's error."""
+    import gzip
+
+    with gzip.open(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as f:
+        rows = [next(f) for _ in range(41)]
+    for i in range(2):
+        host = tmp_path / f"host-{i}"
+        host.mkdir()
+        (host / "data.jsonl").write_text("".join(rows[i:i + 40]))  # another first row on process 1
+        (host / "bad.jsonl").write_text("".join(rows[:40]) if i == 0 else "{not json\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO)}
+    for name in ("JAXALIGN_COORDINATOR", "JAXALIGN_NUM_PROCESSES", "JAXALIGN_PROCESS_ID"):
+        env.pop(name, None)
+    port = free_port()
+    procs = start_workers(THIS, [["data_worker", i, port, tmp_path, shared_data] for i in range(2)], env, REPO)
+    wait_workers(procs, timeout=180)
+    got = [json.loads((tmp_path / f"result-{i}.json").read_text()) for i in range(2)]
+    assert got[0] == got[1], got  # one message on every process
+    different, unreadable = got[0]["different"], got[0]["unreadable"]
+    assert different.startswith("loading the data: the processes disagree on the data fingerprint (process 0: "), different
+    assert "every process must see the same config, data files and checkpoints" in different
+    assert unreadable.startswith("loading the data failed on process 1 of 2: bad.jsonl:1: malformed JSON"), unreadable
+    for case in ("different", "unreadable"):  # nothing written into the run dir, and its lock released
+        run = tmp_path / "runs" / case
+        assert not (run / "config.yaml").exists() and not (run / "run.lock").exists(), case
+
+
 # --- where the process group comes from (no processes started) ---------------------------------------
 
 def test_process_group_from_flags_environment_and_slurm():
@@ -182,5 +245,6 @@ def test_cli_flags():
     assert (args.coordinator, args.num_processes, args.process_id) == (None, None, None)
 
 
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
-    worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] in ("worker", "data_worker"):
+    {"worker": worker, "data_worker": data_worker}[sys.argv[1]](int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                                                                 sys.argv[5])

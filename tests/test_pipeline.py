@@ -25,6 +25,8 @@ import io
 import json
 import os
 import pathlib
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +39,8 @@ from jaxalign.data.tokenize import encode_prompt
 from jaxalign.pipeline import SFTGateError, run_pipeline
 from jaxalign.tasks import demo
 from jaxalign.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
+from jaxalign.train import lifecycle
+from run_faults import logged_steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
@@ -107,7 +111,7 @@ def failed_gate(small_demo) -> dict:
     proc = _subprocess_cli(_argv(sets), timeout=400, log=root.parent / "failed_gate.log")
     result = {"proc": proc, "seconds": time.perf_counter() - start,
               "gate": json.loads((root / "gate.json").read_text()) if (root / "gate.json").is_file() else None,
-              "listing": sorted(p.name for p in root.iterdir())}
+              "listing": sorted(p.name for p in root.iterdir()), "root_state": lifecycle.state_of(root)}
     # The same failure in this process: the recorded skill is reused, nothing is measured again.
     start = time.perf_counter()
     try:
@@ -133,6 +137,33 @@ def passed_run(small_demo, failed_gate) -> dict:
             "models": report["models"]}
 
 
+def _start_cli(argv: list[str], log: pathlib.Path) -> subprocess.Popen:
+    """`python -m jaxalign.cli ARGV` started in the background, its stderr going to `log`."""
+    env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
+           "JAX_COMPILATION_CACHE_DIR": str(log.parent / "jax_cache")}
+    return subprocess.Popen([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
+
+
+def _logged_step(run: pathlib.Path) -> int:
+    return max(logged_steps(run), default=0)
+
+
+def _sigterm_once(argv: list[str], log: pathlib.Path, ready, timeout: float = 400) -> int:
+    """Start the pipeline, SIGTERM it once `ready()` holds, and return its exit code."""
+    proc = _start_cli(argv, log)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the pipeline exited ({proc.returncode}) early:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+
+
 # ----------------------------------------------------------------------------- the gate
 
 
@@ -148,7 +179,9 @@ def test_gate_fails_below_min_sft_skill(small_demo, failed_gate):
     # Nothing after the gate ran.
     assert "sft" in failed_gate["listing"] and "gate.json" in failed_gate["listing"]
     assert not {"dpo", "report", "export"} & set(failed_gate["listing"])
-    assert (root / "sft" / "summary.json").is_file()
+    assert {"run.lock"} & set(failed_gate["listing"]) == set()  # released on the way out
+    assert (root / "sft" / "summary.json").is_file() and lifecycle.state_of(root / "sft") == "finished"
+    assert failed_gate["root_state"] == "failed"  # the pipeline's own status: stopped by an error
 
     error = failed_gate["raised"]
     assert isinstance(error, SFTGateError)
@@ -356,3 +389,145 @@ def test_pairs_cli_writes_pairs_the_judge_prefers(passed_run, small_demo, tmp_pa
     assert code == 0, err
     assert _jsonl(out) == []
     assert f"0 pairs from {len(rows)} prompts ({len(rows)} skipped: all candidates tied)" in stdout
+
+
+# ----------------------------------------------------------------------------- preemption and kill -9
+
+# A shorter pipeline for the fault tests: every re-run pays the start-up again (~8 s here).
+SHORT_SFT, SHORT_DPO, KILLS = 40, 20, 20
+SHORT = [f"sft.overrides.train.max_steps={SHORT_SFT}", f"dpo.overrides.train.max_steps={SHORT_DPO}",
+         "train.eval_every=20", "train.log_every=5", "checkpoint.every_steps=20", "checkpoint.keep=2",
+         "eval.min_sft_skill=0", "eval.num_generations=16"]
+
+
+def _seeded() -> tuple[random.Random, int]:
+    seed = random.randrange(2**32)
+    return random.Random(seed), seed
+
+
+@pytest.fixture(scope="module")
+def short_reference(small_demo) -> dict:
+    """The shorter pipeline, uninterrupted: what every interrupted one must end equal to."""
+    root = small_demo["root"].parent / "short_ref"
+    start = time.perf_counter()
+    proc = _subprocess_cli(_argv([*small_demo["sets"], *SHORT, f"output_dir={root}"]), 400,
+                           root.parent / "short_ref.log")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"root": root, "seconds": time.perf_counter() - start,
+            "report": json.loads((root / "report" / "report.json").read_text())}
+
+
+def _assert_equal_to_reference(root: pathlib.Path, ref: pathlib.Path) -> None:
+    """Every stage finished and complete, nothing skipped: the report's metrics and the exported weights
+    equal the uninterrupted run's, metrics.jsonl has one record per step, best.json a complete checkpoint."""
+    for stage in ("", "sft", "dpo"):
+        assert lifecycle.state_of(root / stage) == "finished", stage
+    for name in ("base", "export"):
+        assert lifecycle.is_complete(root / name), name
+    got = json.loads((root / "report" / "report.json").read_text())
+    want = json.loads((ref / "report" / "report.json").read_text())
+    assert got["models"] == want["models"] and got["gate"]["sft_skill"] == want["gate"]["sft_skill"]
+    assert (root / "export" / "model.safetensors").read_bytes() == (ref / "export" / "model.safetensors").read_bytes()
+    for stage, steps in (("sft", SHORT_SFT), ("dpo", SHORT_DPO)):
+        summary = json.loads((root / stage / "summary.json").read_text())
+        assert summary["steps"] == summary["total_steps"] == steps and summary["state"] == "finished"
+        logged = [json.loads(line)["step"] for line in (root / stage / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)]
+        assert logged == sorted(set(logged)) and logged[-1] == steps, stage
+        best = json.loads((root / stage / model_io.BEST_FILE).read_text())
+        assert (root / stage / "checkpoints" / str(best["step"]) / "params").is_dir()
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(small_demo, short_reference) -> dict:
+    """The shorter pipeline preempted (SIGTERM) at a random logged step of SFT, re-run, preempted at a
+    random step of DPO, re-run to the end."""
+    root = small_demo["root"].parent / "interrupted"
+    rng, seed = _seeded()
+    sft_at, dpo_at = rng.randrange(5, SHORT_SFT - 5, 5), rng.randrange(5, SHORT_DPO - 5, 5)  # a margin to the end
+    print(f"\nSIGTERM after SFT step {sft_at} and DPO step {dpo_at} (seed {seed})")
+    argv = _argv([*small_demo["sets"], *SHORT, f"output_dir={root}"])
+    codes = [_sigterm_once(argv, root.parent / "interrupted_1.log", lambda: _logged_step(root / "sft") >= sft_at)]
+    states = [(lifecycle.state_of(root / "sft"), lifecycle.state_of(root / "dpo"), (root / "gate.json").exists())]
+    codes.append(_sigterm_once(argv, root.parent / "interrupted_2.log", lambda: _logged_step(root / "dpo") >= dpo_at))
+    states.append((lifecycle.state_of(root / "sft"), lifecycle.state_of(root / "dpo"), (root / "gate.json").exists()))
+    last = _subprocess_cli(argv, timeout=400, log=root.parent / "interrupted_3.log")
+    return {"root": root, "codes": codes, "states": states, "last": last}
+
+
+def test_sigterm_in_each_stage_then_rerun_gives_the_uninterrupted_report(interrupted_run, short_reference):
+    """Preempted in SFT: exit 75, SFT `preempted`, no gate, no DPO. Re-run: SFT resumes and finishes, the
+    gate passes, DPO is preempted: exit 75. Re-run: DPO resumes, the report and export are written, and
+    every metric of every model equals the uninterrupted run's."""
+    run = interrupted_run
+    assert run["codes"] == [lifecycle.EXIT_PREEMPTED, lifecycle.EXIT_PREEMPTED], run["codes"]
+    assert run["states"] == [("preempted", None, False), ("finished", "preempted", True)], run["states"]
+    assert run["last"].returncode == 0, run["last"].stderr[-4000:]
+    assert "DPO: resuming the preempted run" in run["last"].stderr and "SFT: finished run" in run["last"].stderr
+    _assert_equal_to_reference(run["root"], short_reference["root"])
+
+
+def _kill_points(root: pathlib.Path) -> set[str]:
+    """What a kill can land in, as seen from outside: a checkpoint being written, each new best.json,
+    gate.json, the base model, the report and the export half-written."""
+    seen = set()
+    for stage in ("sft", "dpo"):
+        ckpts = root / stage / "checkpoints"
+        if ckpts.is_dir():
+            seen |= {f"{stage} checkpoint {p.name.split('.')[0]} being written" for p in ckpts.iterdir()
+                     if "orbax-checkpoint-tmp" in p.name}
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            seen.add(f"{stage} best.json naming step {json.loads((root / stage / model_io.BEST_FILE).read_text())['step']}")
+    for name, marker in (("base", "COMPLETE"), ("export", "COMPLETE"), ("report", "report.json")):
+        if (root / name).is_dir() and not (root / name / marker).exists():
+            seen.add(f"{name} half-written")
+    if (root / "gate.json").is_file():
+        seen.add("gate.json written")
+    return seen
+
+
+@pytest.fixture(scope="module")
+def killed_run(small_demo, short_reference) -> dict:
+    """The shorter pipeline killed -9 at KILLS points, re-run after each, then run to the end. Each kill
+    comes at the first new kill point the run shows or, one time in three, after a random 1-10 s (start-up,
+    data, compilation, evaluation: wherever that lands)."""
+    tmp = small_demo["root"].parent
+    root = tmp / "killed"
+    rng, seed = _seeded()
+    argv = _argv([*small_demo["sets"], *SHORT, f"output_dir={root}"])
+    kills, finished_early = [], False
+    start = time.perf_counter()
+    for k in range(KILLS):
+        log = tmp / f"killed_{k}.log"
+        before = _kill_points(root)
+        delay = rng.uniform(1.0, 10.0) if rng.random() < 1 / 3 else None
+        proc = _start_cli(argv, log)
+        t0, where = time.monotonic(), None
+        while proc.poll() is None and where is None:
+            if delay is not None:
+                where = f"after {delay:.1f} s" if time.monotonic() - t0 >= delay else None
+            else:
+                where = next(iter(sorted(_kill_points(root) - before)), None)
+            if where is None:
+                time.sleep(0.002)
+            assert time.monotonic() - t0 < 400, "timed out"
+        proc.kill()
+        code = proc.wait(timeout=60)
+        if code == 0:  # it finished before a kill point came: nothing left to kill
+            finished_early = True
+            break
+        assert code == -signal.SIGKILL, f"exit {code}:\n{log.read_text()[-4000:]}"
+        kills.append(where)
+    print(f"\nkill -9 at (seed {seed}, {time.perf_counter() - start:.0f} s): {kills}")
+    last = _subprocess_cli(argv, 400, tmp / "killed_last.log")
+    return {"root": root, "kills": kills, "last": last, "finished_early": finished_early}
+
+
+def test_kill_minus_9_at_20_points_always_ends_finished_and_equal(killed_run, short_reference):
+    """However the runs were killed, the last re-run ends with every stage finished, nothing skipped or
+    corrupt: the report's metrics and the exported weights equal the uninterrupted run's."""
+    run = killed_run
+    assert run["last"].returncode == 0, run["last"].stderr[-4000:]
+    assert len(run["kills"]) == KILLS or run["finished_early"], run["kills"]
+    assert len(run["kills"]) >= KILLS // 2, run["kills"]  # the chain has more kill points than that
+    _assert_equal_to_reference(run["root"], short_reference["root"])
