@@ -89,6 +89,13 @@ def test_unknown_key_names_key_and_suggestion(tmp_path):
         load_config(None, ["dpo.betta=0.2"])
 
 
+def test_a_key_holding_dots_is_an_unknown_key_not_a_crash(tmp_path):
+    """Found by test_fuzz (hypothesis): a YAML key "." inside a section used to raise KeyError."""
+    path = write(tmp_path, 'model:\n  ".": 1\n')
+    with pytest.raises(JaxalignError, match=r"unknown config key 'model\.\.' \(in .*x\.yaml\)"):
+        load_config(path)
+
+
 def test_unknown_section(tmp_path):
     path = write(tmp_path, "dpoo:\n  beta: 0.2\n")
     with pytest.raises(JaxalignError, match=r"unknown config section 'dpoo'.*did you mean 'dpo'"):

@@ -170,9 +170,13 @@ def _show(value: Any) -> str:
 def _unknown(dotted: str, source: str, section: bool) -> JaxalignError:
     what = "section" if section else "key"
     parent, _, leaf = dotted.rpartition(".")
-    node = SCHEMA
+    node, known = SCHEMA, []
     for p in parent.split(".") if parent else ():
+        if not isinstance(node.get(p), dict):  # a key that holds dots itself ('model: {".": 1}')
+            break
         node = node[p]
+        known.append(p)
+    parent = ".".join(known)
     siblings = list(node)
     all_keys = [k for k, _ in iter_fields()] + list(iter_sections())
     if section:
