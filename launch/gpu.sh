@@ -115,8 +115,11 @@ if [[ -n "$LOG" ]]; then mkdir -p "$(dirname "$LOG")"; fi
 (( RESTARTS == 0 )) && [[ -z "$LOG" ]] && exec "${CMD[@]}"
 
 # Run the job as a child: a signal to this script goes on to it (and then no restart follows).
-SIGNALLED=0 CHILD=""
-forward() { SIGNALLED=1; [[ -n "$CHILD" ]] && kill "-$1" "$CHILD" 2>/dev/null || true; }
+SIGNALLED=0 PENDING="" INTERRUPTED=0 CHILD=""
+forward() {
+  SIGNALLED=1 INTERRUPTED=1
+  if [[ -n "$CHILD" ]]; then kill "-$1" "$CHILD" 2>/dev/null || true; else PENDING="$1"; fi
+}
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 attempt=0
@@ -127,9 +130,17 @@ while :; do
     "${CMD[@]}" &
   fi
   CHILD=$!
-  code=0
-  wait "$CHILD" || code=$?
-  while kill -0 "$CHILD" 2>/dev/null; do code=0; wait "$CHILD" || code=$?; done  # wait returns on a trapped signal
+  if [[ -n "$PENDING" ]]; then kill "-$PENDING" "$CHILD" 2>/dev/null || true; PENDING=""; fi
+  # A trapped signal ends `wait` early (status 128+n): wait again for the job's own exit status
+  # (127 then means the previous wait had it already).
+  code=""
+  while :; do
+    INTERRUPTED=0 status=0
+    wait "$CHILD" || status=$?
+    [[ -n "$code" && $status == 127 ]] && break
+    code=$status
+    (( INTERRUPTED )) || break
+  done
   if (( code == 75 && SIGNALLED == 0 && attempt < RESTARTS )); then
     attempt=$((attempt + 1))
     echo "launch/gpu.sh: the job stopped early (exit 75); restart $attempt of $RESTARTS with --resume" >&2
