@@ -202,6 +202,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_logs_each_step_once(
 
 # --- non-finite updates --------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # lr=1e39 to float32: the point
 def test_an_update_to_nonfinite_weights_is_refused_and_a_streak_of_skips_stops(base):
     """lr=1e39 (inf in float32): step 1's loss and gradients are finite, but its update would make the
     weights inf. Under on_nonfinite=stop that stops at step 1; under skip, each update is refused and the
