@@ -28,8 +28,8 @@ from jaxalign.generate import generate_text
 from jaxalign.report import build_report, write_report
 from jaxalign.score import read_jsonl, score_rows
 from jaxalign.sharding import make_mesh, merged_rules, use_mesh
-from jaxalign.train.loop import mean_over, model_options, run_tokenizer
-from jaxalign.train.step import Objective, make_eval_step
+from jaxalign.train.loop import mean_over, model_options, objective_from_config, run_tokenizer
+from jaxalign.train.step import make_eval_step
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class Evaluator:
             return model_io.load_model(path, self.mesh, self.rules, **model_options(self.cfg))
 
     def _mean_metrics(self, model, examples: list[dict], stage: str, ref_params=None) -> dict[str, float]:
-        objective = Objective(stage, beta=self.cfg.dpo.beta)
+        # The stage's own objective, as training builds it (loss type, label smoothing, RPO weight, chunking).
+        objective = objective_from_config(stage_config(self.cfg, stage))
         graphdef, params = nnx.split(model)
         step = jax.jit(make_eval_step(graphdef, objective))
         it = make_iterator(examples, self.cfg, stage=stage, train=False, mesh=self.mesh, pad_id=self.pad_id)
