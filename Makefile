@@ -11,7 +11,7 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 PIPELINE_TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false" \
 	JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
 
-.PHONY: venv test demo clean-demo bench clean
+.PHONY: venv lint test demo clean-demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: $(VENV)/.installed
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# Undefined and unused names, syntax errors ([tool.ruff] in pyproject.toml).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check jaxalign tests tools benchmarks
 
 test: $(VENV)/.installed
 	$(TEST_ENV) $(PY) -m pytest -q tests --ignore=tests/test_pipeline.py
