@@ -63,9 +63,9 @@ class Trainer(RunCheckpoints):
     written, so a start that fails leaves an existing run as it was."""
 
     def __init__(self, cfg, *, resume: bool = False, overwrite: bool = False):
-        self.cfg, self.lock = cfg, None
+        self.cfg, self.lock, self.config_hash = cfg, None, lifecycle.config_hash(cfg)
         checked = agree("checking the run", lambda: (check_run_dir(cfg, resume, overwrite), check_model_source(cfg)),
-                        {"config hash": lifecycle.config_hash(cfg)})
+                        {"config hash": self.config_hash})
         # One run per output dir: taken before anything in it is written or replaced.
         self.lock = run_lock.acquire_for_job(cfg.output_dir)
         try:
@@ -75,7 +75,7 @@ class Trainer(RunCheckpoints):
             raise
 
     def _init(self, cfg, run, checked, resume: bool, overwrite: bool) -> None:
-        self.run, self.resume = run, resume
+        self.run = run
         self.rules = merged_rules(dict(cfg.mesh.rules))
         self.mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
         self.stage = cfg.stage
@@ -130,7 +130,7 @@ class Trainer(RunCheckpoints):
         self.total_steps = self.planned_steps()
         return {"stage": cfg.stage, "architecture": model_cfg.to_dict(),
                 "tokenizer": tokenizer_fingerprint(self.tokenizer), "data": data,
-                "total_steps": self.total_steps, "config_hash": lifecycle.config_hash(cfg)}
+                "total_steps": self.total_steps, "config_hash": self.config_hash}
 
     def _write_run_files(self, overwrite: bool, model_cfg, source_dtype, manifest) -> None:
         """config.yaml, model/, data_stats.json, manifest.json and status `running` (process 0)."""
@@ -143,7 +143,7 @@ class Trainer(RunCheckpoints):
         lifecycle.write_json_atomic(self.run / "data_stats.json", {k: v.to_dict() for k, v in self.data_stats.items()})
         lifecycle.write_json_atomic(self.run / lifecycle.MANIFEST_FILE, manifest)
         (self.run / "summary.json").unlink(missing_ok=True)  # of an earlier, unfinished attempt
-        self.write_status(lifecycle.RUNNING, self.start_step)
+        self.write_status(lifecycle.RUNNING, int(self.state.step))
 
     def checkpointer(self) -> RunCheckpointer:
         best_metric = self.best_metric_name()
@@ -151,10 +151,6 @@ class Trainer(RunCheckpoints):
                                best_metric=best_metric if self.cfg.checkpoint.keep_best else None,
                                best_mode="max" if best_metric == "eval/rewards/accuracies" else "min",
                                async_save=self.cfg.checkpoint.async_save)
-
-    @property
-    def start_step(self) -> int:
-        return int(self.state.step)
 
     def write_status(self, state: str, step: int, message: str = "") -> None:
         if jax.process_index() == 0:
