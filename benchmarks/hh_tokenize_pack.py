@@ -18,7 +18,7 @@ from jaxalign.config import load_config
 from jaxalign.data.packing import bins_efficiency, pack_bfd
 from jaxalign.data.sources import load_rows
 from jaxalign.data.tokenize import tokenize_dataset
-from jaxalign.tokenizer import load_tokenizer
+from jaxalign.data.tokenizer import load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -61,7 +61,7 @@ def main() -> int:
     import yaml
 
     from jaxalign.config import load_config
-    from jaxalign.train.loop import Trainer
+    from jaxalign.run.loop import Trainer
 
     out = pathlib.Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

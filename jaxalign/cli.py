@@ -15,7 +15,7 @@ _COMMANDS: dict[str, Command] = {}
 
 
 def _score(args: argparse.Namespace) -> int:
-    from jaxalign.score import run_score
+    from jaxalign.eval.score import run_score
 
     n = run_score(args.model, args.data, args.out, batch_size=args.batch_size, tokenizer_path=args.tokenizer,
                   dtype=args.dtype)
@@ -45,8 +45,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from jaxalign.config import load_stage_config
-    from jaxalign.train.lifecycle import EXIT_PREEMPTED, PREEMPTED
-    from jaxalign.train.loop import train
+    from jaxalign.run.lifecycle import EXIT_PREEMPTED, PREEMPTED
+    from jaxalign.run.loop import train
 
     summary = train(load_stage_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
@@ -71,7 +71,7 @@ def _data(args: argparse.Namespace) -> int:
     from jaxalign.config import load_stage_config
     from jaxalign.data.inspect import inspect_data
     from jaxalign.data.pipeline import load_examples
-    from jaxalign.train.loop import run_tokenizer
+    from jaxalign.run.loop import run_tokenizer
 
     cfg = load_stage_config(args.config, args.set, args.stage)
     tokenizer = run_tokenizer(cfg)
@@ -102,7 +102,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from jaxalign.config import load_config
-    from jaxalign.evaluate import parse_models, run_eval
+    from jaxalign.eval.evaluate import parse_models, run_eval
 
     cfg = load_config(args.config, args.set)
     out = args.out or f"{cfg.output_dir}/eval"
@@ -127,9 +127,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _pipeline(args: argparse.Namespace) -> int:
     from jaxalign.config import load_config
-    from jaxalign.paths import as_path
     from jaxalign.pipeline import run_pipeline
-    from jaxalign.train.lifecycle import EXIT_PREEMPTED, Preempted
+    from jaxalign.run.lifecycle import EXIT_PREEMPTED, Preempted
+    from jaxalign.runtime.paths import as_path
 
     cfg = load_config(args.config, args.set)
     try:
@@ -162,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_train, _add_eval, _add_pipeline, _add_data, _add_score):
         add(sub)
-    from jaxalign.distributed import add_distributed_args
-    from jaxalign.generate import add_cli as add_generate
-    from jaxalign.pairs import add_cli as add_pairs
+    from jaxalign.eval.generate import add_cli as add_generate
+    from jaxalign.eval.pairs import add_cli as add_pairs
     from jaxalign.plan import add_cli as add_plan
+    from jaxalign.runtime.distributed import add_distributed_args
 
     add_generate(sub, _COMMANDS)
     add_pairs(sub, _COMMANDS)
@@ -181,11 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     # Orbax logs every checkpoint step through absl at INFO; keep it for --verbose.
     logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)
-    from jaxalign.preemption import PreemptionWatch
-    from jaxalign.train.lifecycle import EXIT_INTERRUPTED, EXIT_USAGE
+    from jaxalign.run.lifecycle import EXIT_INTERRUPTED, EXIT_USAGE
+    from jaxalign.runtime.preemption import PreemptionWatch
 
     try:
-        from jaxalign.distributed import initialize_from_cli
+        from jaxalign.runtime.distributed import initialize_from_cli
 
         initialize_from_cli(args)
         if args.command in ("train", "pipeline"):  # a stop signal from here on is kept, never fatal mid-write

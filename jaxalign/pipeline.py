@@ -28,17 +28,18 @@ from typing import Any
 
 import jax
 
-from jaxalign import model_io, paths, run_lock
+from jaxalign.checkpoint import model_io
 from jaxalign.config import config_to_dict, save_config, stage_config
-from jaxalign.convert import save_hf
-from jaxalign.distributed import agree
 from jaxalign.errors import JaxalignError
-from jaxalign.evaluate import run_eval, skill_of
+from jaxalign.eval.evaluate import run_eval, skill_of
+from jaxalign.export.hf import save_hf
 from jaxalign.models import ModelConfig, init_model
-from jaxalign.preemption import PreemptionWatch
-from jaxalign.sharding import make_mesh, merged_rules, use_mesh
-from jaxalign.train import lifecycle
-from jaxalign.train.loop import model_options, run_tokenizer, train
+from jaxalign.run import lifecycle
+from jaxalign.run.loop import model_options, run_tokenizer, train
+from jaxalign.runtime import paths, run_lock
+from jaxalign.runtime.distributed import agree
+from jaxalign.runtime.preemption import PreemptionWatch
+from jaxalign.runtime.sharding import make_mesh, merged_rules, use_mesh
 
 log = logging.getLogger(__name__)
 

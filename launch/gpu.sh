@@ -96,7 +96,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${MEM_FRACTION:-${XLA_PYTHON_CLIENT_MEM_F
 EXPORTS=(XLA_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION)
 if [[ -n "$GPUS" ]]; then export CUDA_VISIBLE_DEVICES="$GPUS"; EXPORTS+=(CUDA_VISIBLE_DEVICES); fi
 if [[ -n "$NODES" ]]; then
-  # Read by jaxalign.distributed: every process joins the same job before touching a GPU.
+  # Read by jaxalign.runtime.distributed: every process joins the same job before touching a GPU.
   export JAXALIGN_COORDINATOR="$COORDINATOR" JAXALIGN_NUM_PROCESSES="$NODES" JAXALIGN_PROCESS_ID="$NODE_RANK"
   EXPORTS+=(JAXALIGN_COORDINATOR JAXALIGN_NUM_PROCESSES JAXALIGN_PROCESS_ID)
 fi

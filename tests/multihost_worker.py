@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxalign.data.iterator import BatchIterator, host_rows, to_global_arrays
-from jaxalign.sharding import make_mesh
+from jaxalign.runtime.sharding import make_mesh
 
 STEPS = 3
 # (name, mesh sizes, stage, iterator options); shared with the parent test.

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import yaml
+from tiny_runs import hh_sft_config, read_metrics
 
 from jaxalign.config import load_config
-from tiny_runs import hh_sft_config, read_metrics
 
 FAULT_STEPS = 12  # the fault tests' runs: 12 steps of 8 sequences of 64 tokens
 
@@ -31,9 +31,9 @@ def fault_config(shared_data: pathlib.Path, root: pathlib.Path) -> dict:
 
 def train_reference(root: pathlib.Path, cfg: dict) -> pathlib.Path:
     """The uninterrupted run (ROOT/ref) fault tests compare with; it must end finished and unlocked."""
-    from jaxalign import run_lock
-    from jaxalign.train import lifecycle
-    from jaxalign.train.loop import Trainer
+    from jaxalign.run import lifecycle
+    from jaxalign.run.loop import Trainer
+    from jaxalign.runtime import run_lock
 
     _, config = write_config(root, "ref", cfg)
     summary = Trainer(config).train()

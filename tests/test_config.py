@@ -6,7 +6,12 @@ import pytest
 import yaml
 
 from jaxalign.config import (
-    apply_overrides, config_to_dict, default_config, load_config, save_config, schema_help,
+    apply_overrides,
+    config_to_dict,
+    default_config,
+    load_config,
+    save_config,
+    schema_help,
     validate,
 )
 from jaxalign.config.schema import iter_fields

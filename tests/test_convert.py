@@ -17,9 +17,12 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from jaxalign import convert, model_io
+from jaxalign.checkpoint import model_io
 from jaxalign.errors import JaxalignError
-from jaxalign.sharding import make_mesh, use_mesh
+from jaxalign.export.hf import save_hf
+from jaxalign.models import hf as convert
+from jaxalign.models.params import PARAMS, param_shapes, params_of
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -150,7 +153,7 @@ def test_hf_to_jaxalign_to_hf_is_bit_exact(family, hf_dir, mesh8, tmp_path):
 
     restored = model_io.load_model(ckpt, mesh8)
     out = tmp_path / "hf"
-    convert.save_hf(restored, restored.cfg, out, dtype=model_io.source_dtype(ckpt))
+    save_hf(restored, restored.cfg, out, dtype=model_io.source_dtype(ckpt))
 
     want, got = _hf_tensors(src), _hf_tensors(out)
     assert sorted(got) == sorted(want)
@@ -168,7 +171,7 @@ def test_sharded_safetensors_read_back(hf_dir, mesh8, tmp_path):
     src = hf_dir("llama_bias")
     model = model_io.load_model(src, mesh8)
     out = tmp_path / "sharded"
-    written = convert.save_hf(model, model.cfg, out, max_shard_bytes=40_000)
+    written = save_hf(model, model.cfg, out, max_shard_bytes=40_000)
 
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
@@ -202,15 +205,15 @@ def test_table_covers_every_model_param(family, hf_dir, mesh8):
     _, abstract, _ = abstract_model(cfg, mesh8)
     flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract))[0]
     ours = {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
-    assert convert.param_shapes(cfg) == ours
-    assert sorted(e.param for e in convert.tensor_table(cfg)) == sorted(ours)
+    assert param_shapes(cfg) == ours
+    assert sorted(e.path for e in params_of(cfg)) == sorted(ours)
 
 
 # per-layer shapes: wq [E, H, D] and bk [KV, D] merge their out axes, wo [H, D, E] its in axes
 @pytest.mark.parametrize("param,shape", [("wq", (8, 4, 6)), ("bk", (2, 6)), ("wo", (4, 6, 8)), ("lm_head", (8, 10))])
 def test_block_reads_match_full_reads(param, shape):
     """A device's block read from the file equals the same block of the whole tensor, any slicing."""
-    entry = next(convert.TensorMap(*row) for row in convert._TABLE if row[0][-1] == param)
+    entry = next(p for p in PARAMS if p.name == param)
     full = np.arange(np.prod(shape), dtype=np.float32).reshape(entry.hf_shape(shape))
 
     class Reader:

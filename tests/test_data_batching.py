@@ -11,12 +11,12 @@ from jaxalign.config import default_config
 from jaxalign.data.batching import bucket_length, dpo_batch, sft_batch
 from jaxalign.data.inspect import completion_difference, inspect_data, is_near_identical, marked_text
 from jaxalign.data.iterator import BatchIterator, host_rows, make_iterator, to_global_arrays
-from jaxalign.data.prefetch import Prefetcher
 from jaxalign.data.packing import BATCH_KEYS, bins_efficiency, pack_bfd, pack_rows, packing_efficiency
+from jaxalign.data.prefetch import Prefetcher
 from jaxalign.errors import JaxalignError
-from jaxalign.logprobs import token_logprobs
 from jaxalign.models import ModelConfig, init_model
-from jaxalign.sharding import batch_sharding, make_mesh, use_mesh
+from jaxalign.models.logprobs import token_logprobs
+from jaxalign.runtime.sharding import batch_sharding, make_mesh, use_mesh
 
 VOCAB = 64
 

@@ -7,15 +7,27 @@ import re
 import datasets
 import pytest
 
-from jaxalign.chat_templates import CHATML_TEMPLATE
 from jaxalign.config import default_config
 from jaxalign.data import (
-    BadRow, Conversation, PromptCompletion, TokenizeSettings, detect_format, load_rows, normalize_preference_row,
-    normalize_sft_row, preference_to_sft, resolve_format, split_hh, split_train_eval, tokenize_dataset,
-    tokenize_preference_example, tokenize_sft_example,
+    BadRow,
+    Conversation,
+    PromptCompletion,
+    TokenizeSettings,
+    detect_format,
+    load_rows,
+    normalize_preference_row,
+    normalize_sft_row,
+    preference_to_sft,
+    resolve_format,
+    split_hh,
+    split_train_eval,
+    tokenize_dataset,
+    tokenize_preference_example,
+    tokenize_sft_example,
 )
+from jaxalign.data.chat_templates import CHATML_TEMPLATE
+from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
-from jaxalign.tokenizer import load_tokenizer
 
 HH = "hh-rlhf-harmless-base-test.jsonl.gz"
 SETTINGS = TokenizeSettings(max_length=0, max_prompt_length=0)  # no truncation

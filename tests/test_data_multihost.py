@@ -7,9 +7,9 @@ import os
 import pathlib
 
 import numpy as np
+from local_processes import free_port, start_workers, wait_workers
 
 from jaxalign.data.iterator import BatchIterator
-from local_processes import free_port, start_workers, wait_workers
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 REPO = WORKER.parents[1]

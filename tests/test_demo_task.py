@@ -1,4 +1,4 @@
-"""The bundled demo task (jaxalign.tasks.demo): judges, data properties, and its tokenizer."""
+"""The bundled demo task (jaxalign.eval.tasks.demo): judges, data properties, and its tokenizer."""
 
 import importlib.util
 import json
@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
-from jaxalign.tasks import TASKS, demo, get_task
-from jaxalign.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
-from jaxalign.tokenizer import load_tokenizer
+from jaxalign.eval.tasks import TASKS, demo, get_task
+from jaxalign.eval.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROW = {"prompt": demo.render_prompt("Sort these digits: 7 2 9 4"), "answer": "2 4 7 9"}

@@ -6,15 +6,15 @@ import json
 import jax
 import pytest
 from flax import nnx
+from tiny_runs import TINY_LLAMA, hh_sft_config
 
 from jaxalign.config import load_config, stage_config
 from jaxalign.data.iterator import make_iterator, to_global_arrays
-from jaxalign.evaluate import Evaluator
+from jaxalign.eval.evaluate import Evaluator
 from jaxalign.models import ModelConfig, init_model
-from jaxalign.sharding import use_mesh
-from jaxalign.train.loop import mean_over, objective_from_config
+from jaxalign.run.loop import mean_over, objective_from_config
+from jaxalign.runtime.sharding import use_mesh
 from jaxalign.train.step import make_eval_step
-from tiny_runs import TINY_LLAMA, hh_sft_config
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,7 @@ SETTINGS = st.builds(TokenizeSettings, max_length=st.sampled_from([0, 1, 2, 8, 6
 
 @pytest.fixture(scope="module")
 def tokenizer(shared_data):
-    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.data.tokenizer import load_tokenizer
 
     return load_tokenizer(str(shared_data / "llama2-tokenizer.model"), "plain")
 

@@ -16,12 +16,20 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxalign import generate, model_io
+from jaxalign.checkpoint import model_io
 from jaxalign.data.tokenize import encode_prompt
+from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
-from jaxalign.generate import generate_ids, generate_rows, generate_text, run_generate, sample_tokens, truncate_at_stop
-from jaxalign.sharding import make_mesh, use_mesh
-from jaxalign.tokenizer import load_tokenizer
+from jaxalign.eval import generate
+from jaxalign.eval.generate import (
+    generate_ids,
+    generate_rows,
+    generate_text,
+    run_generate,
+    sample_tokens,
+    truncate_at_stop,
+)
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 SMALL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)

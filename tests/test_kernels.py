@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.logprobs import logit_stats
 from jaxalign.models.attention import attention_mask, xla_attention
+from jaxalign.models.logprobs import logit_stats
 
 
 def plain_attention(q, k, v, mask):

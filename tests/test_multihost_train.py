@@ -3,7 +3,7 @@ DPO (from the SFT run; stopped after step 2 and resumed from its checkpoint) and
 losses and eval metrics as 1 process x 8 devices (this pytest process, uninterrupted) on the same mesh.
 
 The two workers are this file run as a script (`python tests/test_multihost_train.py worker ...`); they
-join through the JAXALIGN_* environment that `jaxalign.distributed` reads, as `launch/gpu.sh` sets it.
+join through the JAXALIGN_* environment that `jaxalign.runtime.distributed` reads, as `launch/gpu.sh` sets it.
 They share the run dirs (one filesystem, like a pod's shared bucket) but each has its own tokenized-data
 cache (a pod host's local disk).
 """
@@ -50,7 +50,7 @@ def run_stages(root: pathlib.Path, shared_data: pathlib.Path, cache: pathlib.Pat
     import jax
 
     from jaxalign.config import load_config
-    from jaxalign.train.loop import Trainer
+    from jaxalign.run.loop import Trainer
 
     out = {}
     for stage, cfg in stage_configs(root, shared_data, cache).items():
@@ -81,7 +81,7 @@ def worker(process_id: int, port: int, root: str, shared_data: str) -> None:
                        "JAXALIGN_PROCESS_ID": str(process_id)})
     import jax
 
-    from jaxalign.distributed import initialize_from_args_or_env
+    from jaxalign.runtime.distributed import initialize_from_args_or_env
 
     assert initialize_from_args_or_env()
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
@@ -148,9 +148,9 @@ def data_worker(process_id: int, port: int, root: str, shared_data: str) -> None
     import jax
 
     from jaxalign.config import load_config
-    from jaxalign.distributed import initialize_from_args_or_env
     from jaxalign.errors import JaxalignError
-    from jaxalign.train.loop import Trainer
+    from jaxalign.run.loop import Trainer
+    from jaxalign.runtime.distributed import initialize_from_args_or_env
 
     assert initialize_from_args_or_env()
     results = {}
@@ -205,8 +205,8 @@ def test_processes_that_disagree_on_the_data_all_stop_with_one_message(tmp_path,
 def test_process_group_from_flags_environment_and_slurm():
     import pytest
 
-    from jaxalign.distributed import ProcessGroup, first_slurm_host, resolve_process_group
     from jaxalign.errors import JaxalignError
+    from jaxalign.runtime.distributed import ProcessGroup, first_slurm_host, resolve_process_group
 
     assert resolve_process_group(environ={}) is None  # one process: nothing to join
     assert resolve_process_group("h:1", 1, 0, environ={}) is None
@@ -235,7 +235,7 @@ def test_process_group_from_flags_environment_and_slurm():
 def test_cli_flags():
     import argparse
 
-    from jaxalign.distributed import add_distributed_args
+    from jaxalign.runtime.distributed import add_distributed_args
 
     parser = argparse.ArgumentParser()
     add_distributed_args(parser)

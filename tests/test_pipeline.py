@@ -32,15 +32,16 @@ import sys
 import time
 
 import pytest
+from run_faults import logged_steps
 
-from jaxalign import cli, model_io
+from jaxalign import cli
+from jaxalign.checkpoint import model_io
 from jaxalign.config import load_config
 from jaxalign.data.tokenize import encode_prompt
+from jaxalign.eval.tasks import demo
+from jaxalign.eval.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
 from jaxalign.pipeline import SFTGateError, run_pipeline
-from jaxalign.tasks import demo
-from jaxalign.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
-from jaxalign.train import lifecycle
-from run_faults import logged_steps
+from jaxalign.run import lifecycle
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
@@ -281,10 +282,10 @@ def test_export_loads_in_transformers_and_matches_jaxalign_generate(passed_run, 
     import torch
     import transformers
 
-    from jaxalign.generate import generate_text
-    from jaxalign.sharding import make_mesh, merged_rules, use_mesh
-    from jaxalign.tokenizer import load_tokenizer
-    from jaxalign.train.loop import model_options
+    from jaxalign.data.tokenizer import load_tokenizer
+    from jaxalign.eval.generate import generate_text
+    from jaxalign.run.loop import model_options
+    from jaxalign.runtime.sharding import make_mesh, merged_rules, use_mesh
 
     root = passed_run["root"]
     export = root / "export"
@@ -352,7 +353,7 @@ def test_eval_cli_writes_report_and_warns_when_dpo_is_sft(passed_run, tmp_path):
 
 
 def test_pairs_cli_writes_pairs_the_judge_prefers(passed_run, small_demo, tmp_path):
-    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.data.tokenizer import load_tokenizer
 
     root = passed_run["root"]
     sft = str(root / "sft")

@@ -24,24 +24,39 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from local_processes import free_port, start_workers, wait_workers
+from run_faults import (
+    FAULT_STEPS as STEPS,
+)
+from run_faults import (
+    assert_same_losses,
+    fault_config,
+    logged_steps,
+    start_cli,
+    tmp_dirs,
+    train_reference,
+    wait_for,
+    write_config,
+)
+from tiny_runs import TINY_LLAMA, read_metrics
 
-from jaxalign import model_io, run_lock
-from jaxalign.checkpoint import (
-    QUARANTINE_DIR, NonFiniteModel, RunCheckpointer, all_finite, array_shapes, saved_tensors,
+from jaxalign.checkpoint import model_io
+from jaxalign.checkpoint.store import (
+    QUARANTINE_DIR,
+    NonFiniteModel,
+    RunCheckpointer,
+    all_finite,
+    array_shapes,
+    saved_tensors,
 )
 from jaxalign.config import load_config
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
-from jaxalign.sharding import make_mesh, use_mesh
-from jaxalign.train import lifecycle
-from jaxalign.train.lifecycle import EXIT_PREEMPTED
-from jaxalign.train.loop import Trainer, check_model_source
-from local_processes import free_port, start_workers, wait_workers
-from run_faults import (
-    FAULT_STEPS as STEPS, assert_same_losses, fault_config, logged_steps, start_cli, tmp_dirs, train_reference,
-    wait_for, write_config,
-)
-from tiny_runs import TINY_LLAMA, read_metrics
+from jaxalign.run import lifecycle
+from jaxalign.run.lifecycle import EXIT_PREEMPTED
+from jaxalign.run.loop import Trainer, check_model_source
+from jaxalign.runtime import run_lock
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxalign"
 
@@ -132,8 +147,8 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 pid, port, out, run = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
 from jaxalign.errors import JaxalignError
-from jaxalign.preemption import PreemptionWatch
-from jaxalign.run_lock import acquire_for_job
+from jaxalign.runtime.preemption import PreemptionWatch
+from jaxalign.runtime.run_lock import acquire_for_job
 stopped = None
 with PreemptionWatch() as watch:
     for step in range(1, 100):
@@ -242,7 +257,8 @@ def test_corrupt_or_mismatched_checkpoints_are_named_and_resume_falls_back(base,
     # A HF model dir whose safetensors file was cut short (an interrupted download).
     from safetensors.numpy import save_file
 
-    from jaxalign.convert import expected_hf_tensors, hf_config_dict
+    from jaxalign.export.hf import hf_config_dict
+    from jaxalign.models.hf import expected_hf_tensors
 
     hf, small = tmp_path / "hf", ModelConfig.from_hf_dict({**TINY_LLAMA, "vocab_size": 64})
     hf.mkdir()
@@ -413,12 +429,12 @@ def test_yaml_python_tags_are_never_constructed(tmp_path):
 def test_remote_code_in_a_hf_dir_runs_only_with_trust_remote_code(base, tmp_path, jax_cache):
     """A HF dir whose config.json and tokenizer_config.json point `auto_map` at a module that creates a
     marker file: loading its config, weights and tokenizer the way a run does never imports it."""
+    from safetensors.numpy import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from safetensors.numpy import save_file
-
-    from jaxalign.convert import expected_hf_tensors, hf_config_dict
+    from jaxalign.export.hf import hf_config_dict
+    from jaxalign.models.hf import expected_hf_tensors
 
     root, cfg = base
     hf = tmp_path / "hf"
@@ -461,7 +477,7 @@ def test_remote_code_in_a_hf_dir_runs_only_with_trust_remote_code(base, tmp_path
 
     # The control: with the flag, the same loader imports the module (in a subprocess, so the dynamic
     # module lands in a scratch HF cache).
-    code = ("from jaxalign.tokenizer import load_tokenizer\n"
+    code = ("from jaxalign.data.tokenizer import load_tokenizer\n"
             f"try:\n    load_tokenizer({str(hf)!r}, trust_remote_code=True)\nexcept Exception as e:\n"
             "    print('load failed after import:', e)\n")
     env = {**os.environ, **jax_cache, "HF_HOME": str(tmp_path / "hf_home"),

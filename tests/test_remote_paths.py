@@ -27,25 +27,25 @@ import yaml
 from etils import epath
 from etils.epath import backend as epath_backend
 from flax import nnx
-from fsspec.registry import _registry as fsspec_registry
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import _registry as fsspec_registry
 from orbax.checkpoint._src.path import gcs_utils
-
-from jaxalign import model_io, paths, run_lock
-from jaxalign.checkpoint import RunCheckpointer
-from jaxalign.config import load_config, save_config, stage_config, validate
-from jaxalign.convert import save_hf
-from jaxalign.data.sources import load_rows
-from jaxalign.data.tokenize import DEFAULT_CACHE_DIR, resolve_cache_dir
-from jaxalign.errors import JaxalignError
-from jaxalign.models import ModelConfig, init_model
-from jaxalign.report import build_report, write_report
-from jaxalign.sharding import make_mesh, use_mesh
-from jaxalign.tokenizer import load_tokenizer
-from jaxalign.train.loop import Trainer, check_run_dir
 from tiny_runs import TINY_LLAMA
 
+from jaxalign.checkpoint import model_io
+from jaxalign.checkpoint.store import RunCheckpointer
+from jaxalign.config import load_config, save_config, stage_config, validate
+from jaxalign.data.sources import load_rows
+from jaxalign.data.tokenize import DEFAULT_CACHE_DIR, resolve_cache_dir
+from jaxalign.data.tokenizer import load_tokenizer
+from jaxalign.errors import JaxalignError
+from jaxalign.eval.report import build_report, write_report
+from jaxalign.export.hf import save_hf
+from jaxalign.models import ModelConfig, init_model
+from jaxalign.run.loop import Trainer, check_run_dir
+from jaxalign.runtime import paths, run_lock
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 
 class FakeGCS(DirFileSystem):

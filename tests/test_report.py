@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxalign.report import build_report, credit, win_rate_warning, write_report
+from jaxalign.eval.report import build_report, credit, win_rate_warning, write_report
 
 MODELS = {
     "base": {"skill_accuracy": 0.0, "nll": 4.0, "style_rate": 0.1},

@@ -1,4 +1,4 @@
-"""The run lifecycle (jaxalign.train.lifecycle): status, exit codes, resume checks, best-by-validation,
+"""The run lifecycle (jaxalign.run.lifecycle): status, exit codes, resume checks, best-by-validation,
 signals and non-finite streaks, each injected into a real run (processes and signals, no mocks).
 
 Same tiny set-up as test_reliability (real HH rows copied to a local file, the Llama 2 tokenizer, a
@@ -13,19 +13,30 @@ import signal
 
 import numpy as np
 import pytest
-
-from jaxalign import cli, model_io, run_lock
-from jaxalign.config import load_config, load_stage_config
-from jaxalign.errors import JaxalignError
-from jaxalign.sharding import make_mesh, use_mesh
-from jaxalign.train import lifecycle
-from jaxalign.train.lifecycle import EXIT_PREEMPTED
-from jaxalign.train.loop import Trainer
 from run_faults import (
-    FAULT_STEPS as STEPS, assert_same_losses, fault_config, logged_steps, start_cli, tmp_dirs, train_reference,
-    wait_for, write_config,
+    FAULT_STEPS as STEPS,
+)
+from run_faults import (
+    assert_same_losses,
+    fault_config,
+    logged_steps,
+    start_cli,
+    tmp_dirs,
+    train_reference,
+    wait_for,
+    write_config,
 )
 from tiny_runs import read_metrics
+
+from jaxalign import cli
+from jaxalign.checkpoint import model_io
+from jaxalign.config import load_config, load_stage_config
+from jaxalign.errors import JaxalignError
+from jaxalign.run import lifecycle
+from jaxalign.run.lifecycle import EXIT_PREEMPTED
+from jaxalign.run.loop import Trainer
+from jaxalign.runtime import run_lock
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 
 @pytest.fixture(scope="module")

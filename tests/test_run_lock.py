@@ -1,4 +1,4 @@
-"""The run-dir lock (jaxalign.run_lock) against real processes: two runs starting on one dir at the same
+"""The run-dir lock (jaxalign.runtime.run_lock) against real processes: two runs starting on one dir at the same
 instant (with a stale lock there, or none), a lock file being written, a holder killed with SIGKILL, a
 holder in another pid namespace, and a release after the lock was taken over.
 
@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from jaxalign import run_lock
 from jaxalign.errors import JaxalignError
+from jaxalign.runtime import run_lock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODULE = pathlib.Path(run_lock.__file__)  # what the workers load: the module under test

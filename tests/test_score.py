@@ -12,10 +12,11 @@ import pytest
 import torch
 import transformers
 
-from jaxalign import cli, model_io
-from jaxalign.score import run_score
-from jaxalign.sharding import make_mesh, use_mesh
-from jaxalign.tokenizer import load_tokenizer
+from jaxalign import cli
+from jaxalign.checkpoint import model_io
+from jaxalign.data.tokenizer import load_tokenizer
+from jaxalign.eval.score import run_score
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 32000  # the Llama 2 SentencePiece tokenizer's

@@ -9,8 +9,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model, init_model
-from jaxalign.sharding import (
-    logical_to_spec, make_mesh, merged_rules, resolve_mesh_shape, use_mesh,
+from jaxalign.runtime.sharding import (
+    logical_to_spec,
+    make_mesh,
+    merged_rules,
+    resolve_mesh_shape,
+    use_mesh,
 )
 
 CFG = ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""Tokenizer backends, chat templates and assistant spans (jaxalign.tokenizer, jaxalign.chat_templates)."""
+"""Tokenizer backends, chat templates and assistant spans (jaxalign.data.tokenizer, jaxalign.data.chat_templates)."""
 
 import gzip
 import json
@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from jaxalign.chat_templates import BUILTIN_TEMPLATES, render_conversation
+from jaxalign.data.chat_templates import BUILTIN_TEMPLATES, render_conversation
+from jaxalign.data.tokenizer import HFTokenizer, SentencePieceTokenizer, char_spans_to_token_mask, load_tokenizer
 from jaxalign.errors import JaxalignError
-from jaxalign.tokenizer import HFTokenizer, SentencePieceTokenizer, char_spans_to_token_mask, load_tokenizer
 
 # Ordinary text: first word, leading spaces/newlines, whitespace runs, unicode, HH style.
 TEXTS = [

@@ -20,16 +20,17 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
+from run_faults import logged_steps
+from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics
 
-from jaxalign import cli, model_io
-from jaxalign.checkpoint import RunCheckpointer
+from jaxalign import cli
+from jaxalign.checkpoint import model_io
+from jaxalign.checkpoint.store import RunCheckpointer
 from jaxalign.config import load_config
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
-from jaxalign.sharding import make_mesh, use_mesh
-from jaxalign.train.loop import Trainer
-from run_faults import logged_steps
-from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics
+from jaxalign.run.loop import Trainer
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 SFT_STEPS = 30
 

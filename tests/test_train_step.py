@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxalign.config import default_config
 from jaxalign.models import ModelConfig, abstract_model, init_model
-from jaxalign.sharding import make_mesh, use_mesh
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 from jaxalign.train.optimizer import build_optimizer, decay_mask
 from jaxalign.train.step import Objective, TrainState, batch_shardings, jit_train_step, make_train_step
 

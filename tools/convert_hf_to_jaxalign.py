@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # Imported here so --help and argument errors answer without starting JAX.
-        from jaxalign import model_io
-        from jaxalign.sharding import make_mesh
+        from jaxalign.checkpoint import model_io
+        from jaxalign.runtime.sharding import make_mesh
 
         mesh = make_mesh({"fsdp": -1})
         model = model_io.load_model(args.hf_dir, mesh, param_dtype=args.param_dtype)

@@ -21,13 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (default 5)")
     args = parser.parse_args(argv)
     try:
-        from jaxalign import convert, model_io
-        from jaxalign.sharding import make_mesh
+        from jaxalign.checkpoint import model_io
+        from jaxalign.export.hf import save_hf
+        from jaxalign.runtime.sharding import make_mesh
 
         mesh = make_mesh({"fsdp": -1})
         model = model_io.load_model(args.ckpt, mesh)
         dtype = args.dtype or model_io.source_dtype(args.ckpt) or "float32"
-        written = convert.save_hf(model, model.cfg, args.out, tokenizer=model_io.model_tokenizer(args.ckpt),
+        written = save_hf(model, model.cfg, args.out, tokenizer=model_io.model_tokenizer(args.ckpt),
                                   dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
     except JaxalignError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,8 @@
-"""Write the demo task's data files (sort digits; polite vs terse): a thin CLI over jaxalign.tasks.demo."""
+"""Write the demo task's data files (sort digits; polite vs terse): a thin CLI over jaxalign.eval.tasks.demo."""
 
 import sys
 
-from jaxalign.tasks.demo import main
+from jaxalign.eval.tasks.demo import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -4,7 +4,7 @@
         --fields prompt,completion,chosen,rejected --vocab-size 320 --out runs/demo/tokenizer
 
 Writes OUT/tokenizer.model (or OUT itself when it ends in .model); see
-jaxalign.tasks.tokenizer_training for the settings.
+jaxalign.eval.tasks.tokenizer_training for the settings.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import time
 
 from jaxalign.errors import JaxalignError
-from jaxalign.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
+from jaxalign.eval.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
 
 
 def main(argv: list[str] | None = None) -> int:

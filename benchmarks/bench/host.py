@@ -8,6 +8,7 @@ import platform
 import time
 from typing import Any
 
+
 def cpu_busy(seconds: float = 3.0) -> float:
     """Fraction of all cores busy over `seconds` (/proc/stat), with none of our work running."""
     def sample():

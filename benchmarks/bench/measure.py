@@ -8,6 +8,7 @@ from typing import Any
 
 from bench.shapes import Shape
 
+
 def peak_rss_mb() -> float:
     import resource
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def fmt(x, spec=".3g", missing="–"):
     return missing if x is None else format(x, spec)
 

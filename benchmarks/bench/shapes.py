@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """A model architecture plus the batch it is benchmarked on (batch rows × seq tokens)."""

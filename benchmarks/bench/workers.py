@@ -66,7 +66,7 @@ def build_jax_step(s: Shape, stage: str, live_reference: bool, chunk_size: int, 
 
     from jaxalign.config import default_config
     from jaxalign.models import ModelConfig, init_model
-    from jaxalign.sharding import make_mesh, use_mesh
+    from jaxalign.runtime.sharding import make_mesh, use_mesh
     from jaxalign.train.optimizer import build_optimizer
     from jaxalign.train.step import Objective, TrainState, batch_shardings, jit_train_step, make_train_step
 
@@ -175,7 +175,7 @@ def worker_data(spec: dict) -> dict:
     from data_throughput import synthetic_pairs, synthetic_sft
 
     from jaxalign.data.iterator import BatchIterator, to_global_arrays
-    from jaxalign.sharding import make_mesh
+    from jaxalign.runtime.sharding import make_mesh
 
     s = Shape(**spec["shape"])
     n = spec.get("devices", 0)
@@ -210,7 +210,7 @@ def tokenize_throughput(max_length: int) -> dict:
     from jaxalign.data.pipeline import _examples
     from jaxalign.data.sources import load_rows
     from jaxalign.data.tokenize import tokenize_dataset
-    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.data.tokenizer import load_tokenizer
 
     out: dict[str, Any] = {}
     tok = load_tokenizer(str(LLAMA2_TOKENIZER), "plain")

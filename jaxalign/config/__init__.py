@@ -24,11 +24,20 @@ import yaml
 
 from jaxalign.config.checks import cross_field_errors
 from jaxalign.config.schema import (
-    BOOL, FLOAT, INT, LIST_STR, MAPPING, SCHEMA, STR, STR_OR_LIST, Field, iter_fields,
+    BOOL,
+    FLOAT,
+    INT,
+    LIST_STR,
+    MAPPING,
+    SCHEMA,
+    STR,
+    STR_OR_LIST,
+    Field,
+    iter_fields,
     iter_sections,
 )
 from jaxalign.errors import JaxalignError
-from jaxalign.paths import as_path, isfile, write_text_atomic
+from jaxalign.runtime.paths import as_path, isfile, write_text_atomic
 
 __all__ = [
     "SCHEMA", "Field", "default_config", "load_config", "apply_overrides", "validate",

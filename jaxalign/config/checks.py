@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from jaxalign.paths import is_remote
+from jaxalign.runtime.paths import is_remote
 
 log = logging.getLogger("jaxalign.config")
 

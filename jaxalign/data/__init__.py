@@ -7,13 +7,25 @@
 """
 
 from jaxalign.data.formats import (
-    FORMATS, BadRow, Conversation, PromptCompletion, Text, detect_format, normalize_sft_row, resolve_format,
+    FORMATS,
+    BadRow,
+    Conversation,
+    PromptCompletion,
+    Text,
+    detect_format,
+    normalize_sft_row,
+    resolve_format,
 )
 from jaxalign.data.preference import Preference, normalize_preference_row, preference_to_sft, split_hh
 from jaxalign.data.sources import load_rows, split_train_eval
 from jaxalign.data.tokenize import (
-    DataStats, TokenizeSettings, resolve_cache_dir, tokenize_dataset, tokenize_preference_example,
-    tokenize_sft_example, tokenizer_fingerprint,
+    DataStats,
+    TokenizeSettings,
+    resolve_cache_dir,
+    tokenize_dataset,
+    tokenize_preference_example,
+    tokenize_sft_example,
+    tokenizer_fingerprint,
 )
 
 __all__ = [

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from jaxalign.data.batching import bucket_length, check_pair, dpo_ref_logps, dpo_rows, pair_lengths, sft_rows
 from jaxalign.data.packing import pack_bfd, pack_rows
 from jaxalign.errors import JaxalignError
-from jaxalign.sharding import batch_sharding
+from jaxalign.runtime.sharding import batch_sharding
 
 STATE_VERSION = 1
 # state() keys that must match on restore: a different value would give different batches.

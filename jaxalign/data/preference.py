@@ -22,7 +22,13 @@ import re
 from typing import Any
 
 from jaxalign.data.formats import (
-    BadRow, Conversation, Message, PromptCompletion, check_assistant_turns, check_messages, get_field,
+    BadRow,
+    Conversation,
+    Message,
+    PromptCompletion,
+    check_assistant_turns,
+    check_messages,
+    get_field,
     get_string,
 )
 

@@ -2,7 +2,7 @@
 
     ds = load_rows("data/train.jsonl.gz")          # also .json, .parquet, .csv (+ .gz/.bz2/.xz)
     ds = load_rows("data/*.jsonl", max_rows=1000)  # a glob, a dir of data files, a saved dir, a hub id
-    ds = load_rows("gs://bucket/data/*.jsonl")     # files and dirs may be URLs (see jaxalign.paths)
+    ds = load_rows("gs://bucket/data/*.jsonl")     # files and dirs may be URLs (see jaxalign.runtime.paths)
     train, held_out = split_train_eval(ds, 0.05, seed=0)
 
 Every returned dataset carries two bookkeeping columns that data errors quote as FILE:ROW:
@@ -27,8 +27,8 @@ from typing import IO, Any
 import datasets
 import numpy as np
 
-from jaxalign import paths
 from jaxalign.errors import JaxalignError
+from jaxalign.runtime import paths
 
 _COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

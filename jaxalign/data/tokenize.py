@@ -42,15 +42,21 @@ from typing import Any, Mapping, Sequence
 
 import datasets
 
-from jaxalign.chat_templates import render_conversation
 from jaxalign.config.schema import SCHEMA
+from jaxalign.data.chat_templates import render_conversation
 from jaxalign.data.formats import (
-    BadRow, Conversation, PromptCompletion, SFTExample, Text, normalize_sft_row, resolve_format,
+    BadRow,
+    Conversation,
+    PromptCompletion,
+    SFTExample,
+    Text,
+    normalize_sft_row,
+    resolve_format,
 )
 from jaxalign.data.preference import Preference, normalize_preference_row, preference_to_sft
+from jaxalign.data.tokenizer import Tokenizer, char_spans_to_token_mask
 from jaxalign.errors import JaxalignError
-from jaxalign.paths import is_remote
-from jaxalign.tokenizer import Tokenizer, char_spans_to_token_mask
+from jaxalign.runtime.paths import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +204,7 @@ def tokenize_preference_example(pref: Preference, tok: Tokenizer, settings: Toke
 def encode_prompt(tok: Tokenizer, prompt: str | list[dict[str, Any]]) -> list[int]:
     """Prompt ids exactly as training tokenizes prompts (`tokenize_preference_example`): a message
     list is rendered with the chat template and its generation prompt (the template writes BOS
-    itself); a plain string is encoded with special tokens (BOS). Used by `jaxalign.generate`."""
+    itself); a plain string is encoded with special tokens (BOS). Used by `jaxalign.eval.generate`."""
     return _prompt_text_and_ids(tok, prompt)[1]
 
 

@@ -11,14 +11,14 @@ from jax.sharding import Mesh
 
 from jaxalign.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, load_hf_config
 from jaxalign.models.llama import Decoder
-from jaxalign.sharding import state_shardings
+from jaxalign.runtime.sharding import state_shardings
 
 __all__ = ["Decoder", "ModelConfig", "SUPPORTED_MODEL_TYPES", "load_hf_config", "abstract_model", "init_model"]
 
 
 def _constructor(cfg: ModelConfig, seed: int, options: Mapping[str, Any]) -> Callable[[], Decoder]:
     def build() -> Decoder:
-        # Placement is ours (jaxalign.sharding, divisibility-aware), not Flax's eager sharding.
+        # Placement is ours (jaxalign.runtime.sharding, divisibility-aware), not Flax's eager sharding.
         with nnx.use_eager_sharding(False):
             return Decoder(cfg, rngs=nnx.Rngs(seed), **options)
 

@@ -2,7 +2,7 @@
 
 Layer weights are stacked on a leading "layers" axis and the layer body is one pure function run
 under `jax.lax.scan`, so the program compiles the body once whatever the depth. Every parameter
-carries logical axis names; `jaxalign.sharding` maps them onto the mesh.
+carries logical axis names; `jaxalign.runtime.sharding` maps them onto the mesh.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from flax import nnx
 
 from jaxalign.models import attention as attn
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.params import params_of
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
-from jaxalign.sharding import constrain
+from jaxalign.runtime.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -36,38 +37,6 @@ class KVCache(NamedTuple):
     v: jax.Array
     segment_ids: jax.Array  # [batch, max_len]; 0 marks empty slots and padding
     index: jax.Array  # int32 scalar: the row index the next token is written at
-
-
-# Logical axis names of each stacked layer weight, by name. Shapes follow from ModelConfig.
-LAYER_AXES = {
-    "attn_norm": ("layers", "norm"),
-    "wq": ("layers", "embed", "heads", "head_dim"),
-    "wk": ("layers", "embed", "kv_heads", "head_dim"),
-    "wv": ("layers", "embed", "kv_heads", "head_dim"),
-    "bq": ("layers", "heads", "head_dim"),
-    "bk": ("layers", "kv_heads", "head_dim"),
-    "bv": ("layers", "kv_heads", "head_dim"),
-    "wo": ("layers", "heads", "head_dim", "embed"),
-    "bo": ("layers", "norm"),
-    "mlp_norm": ("layers", "norm"),
-    "w_gate": ("layers", "embed", "mlp"),
-    "w_up": ("layers", "embed", "mlp"),
-    "w_down": ("layers", "mlp", "embed"),
-}
-
-
-def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    L, e, h, kv, d, m = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-                         cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size)
-    shapes = {
-        "attn_norm": (L, e), "wq": (L, e, h, d), "wk": (L, e, kv, d), "wv": (L, e, kv, d),
-        "wo": (L, h, d, e), "mlp_norm": (L, e), "w_gate": (L, e, m), "w_up": (L, e, m), "w_down": (L, m, e),
-    }
-    if cfg.qkv_bias:
-        shapes.update(bq=(L, h, d), bk=(L, kv, d), bv=(L, kv, d))
-    if cfg.o_bias:
-        shapes["bo"] = (L, e)
-    return shapes
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -90,22 +59,15 @@ class Decoder(nnx.Module):
         pdt = DTYPES[param_dtype]
         normal = nnx.initializers.normal(cfg.initializer_range)
 
-        def weight(shape, names):
-            return nnx.Param(normal(rngs.params(), shape, pdt), out_sharding=names)
-
-        self.embed = weight((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        layers = {}
-        for name, shape in layer_shapes(cfg).items():
-            if name.endswith("norm"):
-                layers[name] = nnx.Param(jnp.ones(shape, pdt), out_sharding=LAYER_AXES[name])
-            elif name.startswith("b"):
-                layers[name] = nnx.Param(jnp.zeros(shape, pdt), out_sharding=LAYER_AXES[name])
-            else:
-                layers[name] = weight(shape, LAYER_AXES[name])
-        self.layers = nnx.Dict(layers)
-        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pdt), out_sharding=("norm",))
+        # One row per weight (models/params.py), made in table order.
+        init = {"normal": lambda shape: normal(rngs.params(), shape, pdt), "ones": lambda shape: jnp.ones(shape, pdt),
+                "zeros": lambda shape: jnp.zeros(shape, pdt)}
+        made = {p.path: nnx.Param(init[p.init](p.full_shape(cfg)), out_sharding=p.full_axes()) for p in params_of(cfg)}
+        self.embed = made[("embed",)]
+        self.layers = nnx.Dict({path[1]: v for path, v in made.items() if path[0] == "layers"})
+        self.final_norm = made[("final_norm",)]
         if not cfg.tie_word_embeddings:
-            self.lm_head = weight((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+            self.lm_head = made[("lm_head",)]
 
     # --- forward ----------------------------------------------------------------------------
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-# Parameters never decayed unless `optimizer.decay_norms_and_biases`: norm scales and biases.
-_NO_DECAY = ("attn_norm", "mlp_norm", "final_norm", "bq", "bk", "bv", "bo")
+from jaxalign.models.params import NO_DECAY
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -30,7 +29,7 @@ def decay_mask(params, decay_norms_and_biases: bool = False):
 
     def keep(path, _):
         names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-        return decay_norms_and_biases or not names.intersection(_NO_DECAY)
+        return decay_norms_and_biases or not names.intersection(NO_DECAY)
 
     return jax.tree_util.tree_map_with_path(keep, params)
 

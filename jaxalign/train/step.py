@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxalign.logprobs import masked_sum, token_stats
-from jaxalign.sharding import batch_sharding, constrain
+from jaxalign.models.logprobs import masked_sum, token_stats
+from jaxalign.runtime.sharding import batch_sharding, constrain
 from jaxalign.train.losses import dpo_loss, sft_loss
 
 Batch = dict[str, jax.Array]

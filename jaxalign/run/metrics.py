@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxalign import paths
+from jaxalign.runtime import paths
 
 log = logging.getLogger(__name__)
 

@@ -17,18 +17,19 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxalign import model_io, paths
+from jaxalign.checkpoint import model_io
 from jaxalign.config import stage_config
 from jaxalign.data.iterator import make_iterator, to_global_arrays
-from jaxalign.data.sources import load_rows
 from jaxalign.data.pipeline import load_examples
+from jaxalign.data.sources import load_rows
 from jaxalign.data.tokenize import encode_prompt, resolve_cache_dir, tokenize_dataset
 from jaxalign.errors import JaxalignError
-from jaxalign.generate import generate_text
-from jaxalign.report import build_report, write_report
-from jaxalign.score import read_jsonl, score_rows
-from jaxalign.sharding import make_mesh, merged_rules, use_mesh
-from jaxalign.train.loop import mean_over, model_options, objective_from_config, run_tokenizer
+from jaxalign.eval.generate import generate_text
+from jaxalign.eval.report import build_report, write_report
+from jaxalign.eval.score import read_jsonl, score_rows
+from jaxalign.run.loop import mean_over, model_options, objective_from_config, run_tokenizer
+from jaxalign.runtime import paths
+from jaxalign.runtime.sharding import make_mesh, merged_rules, use_mesh
 from jaxalign.train.step import make_eval_step
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class Evaluator:
 def _task(name: str):
     if not name:
         return None
-    from jaxalign.tasks import get_task
+    from jaxalign.eval.tasks import get_task
 
     return get_task(name)
 

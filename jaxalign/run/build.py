@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxalign import model_io
+from jaxalign.checkpoint import model_io
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.train.step import Objective
@@ -86,7 +86,7 @@ def load_model_and_tokenizer(cfg, mesh, rules, checked=None):
 
 def run_tokenizer(cfg):
     """The run's tokenizer: tokenizer.path, else the starting model's own."""
-    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.data.tokenizer import load_tokenizer
 
     path = initial_model_path(cfg)
     tok_path = cfg.tokenizer.path or (str(model_io.tokenizer_path(path)) if path else "")

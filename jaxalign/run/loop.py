@@ -1,6 +1,6 @@
 """`jaxalign train`: one loop for both stages; the config's `stage` picks the objective and batches.
 
-Run dir: config.yaml (resolved), status.json and manifest.json (jaxalign.train.lifecycle),
+Run dir: config.yaml (resolved), status.json and manifest.json (jaxalign.run.lifecycle),
 metrics.jsonl, model/ (model description + tokenizer, so every checkpoint is a model path),
 checkpoints/{step}/, best.json, data_stats.json, summary.json. Process 0 writes shared files.
 """
@@ -20,25 +20,35 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxalign import model_io, run_lock
-from jaxalign.checkpoint import RunCheckpointer
+from jaxalign.checkpoint import model_io
+from jaxalign.checkpoint.store import RunCheckpointer
 from jaxalign.config import save_config
 from jaxalign.data.iterator import make_iterator, to_global_arrays
 from jaxalign.data.prefetch import Position, Prefetcher
-from jaxalign.distributed import agree
 from jaxalign.errors import JaxalignError
-from jaxalign.preemption import PreemptionWatch
-from jaxalign.sharding import make_mesh, merged_rules, use_mesh
-from jaxalign.train import lifecycle
-from jaxalign.train.lifecycle import check_run_dir
-from jaxalign.train.metrics import MetricsLog, mean_over
-from jaxalign.train.optimizer import build_optimizer
-from jaxalign.train.resume import RunCheckpoints
-from jaxalign.train.setup import (
-    check_model_source, load_model_and_tokenizer, model_options, objective_from_config, run_tokenizer,
+from jaxalign.run import lifecycle
+from jaxalign.run.build import (
+    check_model_source,
+    load_model_and_tokenizer,
+    model_options,
+    objective_from_config,
+    run_tokenizer,
 )
+from jaxalign.run.lifecycle import check_run_dir
+from jaxalign.run.metrics import MetricsLog, mean_over
+from jaxalign.run.resume import RunCheckpoints
+from jaxalign.runtime import run_lock
+from jaxalign.runtime.distributed import agree
+from jaxalign.runtime.preemption import PreemptionWatch
+from jaxalign.runtime.sharding import make_mesh, merged_rules, use_mesh
+from jaxalign.train.optimizer import build_optimizer
 from jaxalign.train.step import (
-    TrainState, batch_shardings, jit_train_step, make_eval_step, make_train_step, reference_logps,
+    TrainState,
+    batch_shardings,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+    reference_logps,
 )
 
 log = logging.getLogger(__name__)

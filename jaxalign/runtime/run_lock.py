@@ -51,8 +51,8 @@ import time
 import uuid
 from typing import Any
 
-from jaxalign import paths
 from jaxalign.errors import JaxalignError
+from jaxalign.runtime import paths
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def acquire_for_job(run_dir: str | pathlib.Path) -> RunLock | None:
     if paths.is_remote(run_dir):
         if jax.process_index() == 0:
             log.warning("output dir %s is a URL: it is not locked, so nothing stops another run from writing "
-                        "into it at the same time (see jaxalign.run_lock)", run_dir)
+                        "into it at the same time (see jaxalign.runtime.run_lock)", run_dir)
         return None
     lock, error = None, ""
     if jax.process_index() == 0:

@@ -37,7 +37,7 @@ import random
 import re
 from typing import Any
 
-from jaxalign.paths import as_path
+from jaxalign.runtime.paths import as_path
 
 NAME = "demo"
 DIGITS = "0123456789"

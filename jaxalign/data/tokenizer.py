@@ -30,8 +30,9 @@ import re
 import shutil
 from typing import Any, Sequence
 
-from jaxalign import chat_templates, paths
+from jaxalign.data import chat_templates
 from jaxalign.errors import JaxalignError
+from jaxalign.runtime import paths
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def load_tokenizer(path: str, chat_template: str = "", trust_remote_code: bool =
     """Load a tokenizer from an HF tokenizer dir or a SentencePiece model; see the module doc.
 
     chat_template: "" (the tokenizer's own, else `plain`), a built-in name
-    (`jaxalign.chat_templates.BUILTIN_TEMPLATES`), or a path to a `.jinja` file.
+    (`jaxalign.data.chat_templates.BUILTIN_TEMPLATES`), or a path to a `.jinja` file.
     """
     path = os.fspath(path)
     expected = "an HF tokenizer directory (tokenizer.json / tokenizer_config.json) or a SentencePiece .model file"

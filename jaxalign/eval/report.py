@@ -13,7 +13,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxalign import paths
+from jaxalign.runtime import paths
 
 # name -> (higher is better, what it measures). Only metrics named here are credited.
 METRICS: dict[str, tuple[bool, str]] = {

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxalign import paths
 from jaxalign.errors import JaxalignError
-from jaxalign.paths import Path, PathLike
+from jaxalign.runtime import paths
+from jaxalign.runtime.paths import Path, PathLike
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class RunCheckpointer:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices(f"jaxalign.checkpoint.quarantine.{step}")
+            multihost_utils.sync_global_devices(f"jaxalign.checkpoint.store.quarantine.{step}")
         self.manager.reload()
         return dest
 

@@ -1,5 +1,5 @@
 """The checkpoint side of a run: saving with the best tracked by validation, restoring the newest
-checkpoint that fits, and the log kept consistent with it. A mixin of `jaxalign.train.loop.Trainer`
+checkpoint that fits, and the log kept consistent with it. A mixin of `jaxalign.run.loop.Trainer`
 (it uses the trainer's state, iterator, run dir and checkpointer).
 
 best.json names the best evaluated checkpoint and is written only once that checkpoint has
@@ -16,12 +16,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxalign import model_io, paths
-from jaxalign.checkpoint import NonFiniteModel, abstract_like
-from jaxalign.distributed import agree
+from jaxalign.checkpoint import model_io
+from jaxalign.checkpoint.store import NonFiniteModel, abstract_like
 from jaxalign.errors import JaxalignError
-from jaxalign.sharding import use_mesh
-from jaxalign.train import lifecycle
+from jaxalign.run import lifecycle
+from jaxalign.runtime import paths
+from jaxalign.runtime.distributed import agree
+from jaxalign.runtime.sharding import use_mesh
 from jaxalign.train.step import TrainState
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,9 @@ from jaxalign.data.batching import completion_sequence, round_up
 from jaxalign.data.packing import pack_rows
 from jaxalign.data.sources import iter_jsonl
 from jaxalign.errors import JaxalignError
-from jaxalign.logprobs import sequence_logprobs
-from jaxalign.paths import as_path
-from jaxalign.sharding import batch_sharding, make_mesh, use_mesh
-
+from jaxalign.models.logprobs import sequence_logprobs
+from jaxalign.runtime.paths import as_path
+from jaxalign.runtime.sharding import batch_sharding, make_mesh, use_mesh
 
 read_jsonl = iter_jsonl  # (1-based line number, row) per JSONL row; errors name file:line
 
@@ -109,8 +108,8 @@ def score_rows(model, rows: Iterable[tuple[str, list[int], list[int]]], mesh, ba
 def run_score(model_path: str, data_path: str, out_path: str, batch_size: int = 8, tokenizer_path: str = "",
               mesh_sizes: dict | None = None, dtype: str = "float32") -> int:
     """The `jaxalign score` command; returns the number of rows written."""
-    from jaxalign import model_io
-    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.checkpoint import model_io
+    from jaxalign.data.tokenizer import load_tokenizer
 
     # Validate everything cheap (paths, rows, tokenization) before the model is loaded.
     model_dir = model_io.resolve_model_path(model_path)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from jaxalign.data.sources import iter_jsonl
 from jaxalign.errors import JaxalignError
-from jaxalign.paths import as_path
+from jaxalign.runtime.paths import as_path
 
 DEFAULTS = {
     "model_type": "bpe",

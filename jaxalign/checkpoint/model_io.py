@@ -23,12 +23,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxalign import paths
-from jaxalign.checkpoint import mismatch_message, saved_tensors
-from jaxalign.convert import dir_listing, hf_source_dtype, is_hf_model_file, load_hf_state
+from jaxalign.checkpoint.store import mismatch_message, saved_tensors
 from jaxalign.errors import JaxalignError
 from jaxalign.models import Decoder, ModelConfig, abstract_model
-from jaxalign.paths import Path, PathLike
+from jaxalign.models.hf import dir_listing, hf_source_dtype, is_hf_model_file, load_hf_state
+from jaxalign.runtime import paths
+from jaxalign.runtime.paths import Path, PathLike
 
 MODEL_FILE = "jaxalign_model.json"
 RUN_MODEL_DIR = "model"  # RUN/model/: the run's model description and tokenizer
@@ -38,7 +38,7 @@ TOKENIZER_DIR = "tokenizer"
 FORMAT_NAME = "jaxalign-model"
 FORMAT_VERSION = 1
 
-# Files a HF tokenizer may consist of (copied verbatim when jaxalign.tokenizer is unavailable).
+# Files a HF tokenizer may consist of (copied verbatim when jaxalign.data.tokenizer is unavailable).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
@@ -191,7 +191,7 @@ def save_model_checkpoint(model: Decoder, out_dir: PathLike, tokenizer: Any = No
     write_model_description(out_dir, model.cfg, tokenizer, source_dtype,
                             jax.numpy.dtype(params["embed"].dtype).name)
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxalign.model_io.save_model_checkpoint")
+        multihost_utils.sync_global_devices("jaxalign.checkpoint.model_io.save_model_checkpoint")
     return out_dir
 
 
@@ -243,14 +243,14 @@ class TokenizerFiles:
 def model_tokenizer(path: PathLike) -> Any:
     """The tokenizer stored with a model (an object with `save_pretrained`), or None when there is none.
 
-    Uses `jaxalign.tokenizer.load_tokenizer` when that module exists, else copies the files.
+    Uses `jaxalign.data.tokenizer.load_tokenizer` when that module exists, else copies the files.
     """
     path = resolve_model_path(path)
     where = path if detect_model_format(path) == "hf" else _meta_dir(path) / TOKENIZER_DIR
     if not has_tokenizer(where):
         return None
-    if importlib.util.find_spec("jaxalign.tokenizer") is not None:
-        from jaxalign.tokenizer import load_tokenizer
+    if importlib.util.find_spec("jaxalign.data.tokenizer") is not None:
+        from jaxalign.data.tokenizer import load_tokenizer
 
         return load_tokenizer(str(where))
     return TokenizerFiles(where)

@@ -57,10 +57,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from jaxalign import sharding as sharding_lib
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model
-from jaxalign.sharding import MESH_AXES, merged_rules, resolve_mesh_shape
+from jaxalign.runtime import sharding as sharding_lib
+from jaxalign.runtime.sharding import MESH_AXES, merged_rules, resolve_mesh_shape
 from jaxalign.train.step import batch_shardings
 
 GiB = 2**30
@@ -123,7 +123,7 @@ def model_config_of(cfg) -> ModelConfig:
     path = cfg.dpo.init_from if cfg.stage == "dpo" and cfg.dpo.init_from else cfg.model.path
     if not path:
         raise JaxalignError("set model.config (an inline HF architecture) or model.path to plan a run")
-    from jaxalign import model_io
+    from jaxalign.checkpoint import model_io
 
     return model_io.load_model_config(path)
 
@@ -185,7 +185,7 @@ class AbstractStep:
 
 def build_abstract_step(cfg, mesh, total_steps: int = 1000) -> AbstractStep:
     """`jaxalign train`'s step for `cfg` on `mesh` (a Mesh or an AbstractMesh), with no memory allocated."""
-    from jaxalign.train.loop import model_options, objective_from_config
+    from jaxalign.run.loop import model_options, objective_from_config
     from jaxalign.train.optimizer import build_optimizer
     from jaxalign.train.step import TrainState, jit_train_step, make_train_step
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from jaxalign.errors import JaxalignError
-from jaxalign.tasks import demo
+from jaxalign.eval.tasks import demo
 
 TASKS: dict[str, ModuleType] = {demo.NAME: demo}
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign import paths
 from jaxalign.errors import JaxalignError
+from jaxalign.runtime import paths
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def check_run_dir(cfg, resume: bool, overwrite: bool) -> paths.Path:
     fit the run's config.yaml. Writes nothing."""
     import jax
 
-    from jaxalign import run_lock
+    from jaxalign.runtime import run_lock
 
     run = paths.as_path(cfg.output_dir)
     if resume and overwrite:
@@ -246,7 +246,7 @@ def check_run_dir(cfg, resume: bool, overwrite: bool) -> paths.Path:
 
 def replace_run_dir(run: paths.Path, overwrite: bool) -> None:
     """With --overwrite, empty the run dir (but the lock this run holds); create it. Process 0 only."""
-    from jaxalign import run_lock
+    from jaxalign.runtime import run_lock
 
     if overwrite and (run / "config.yaml").exists():
         for child in run.iterdir():

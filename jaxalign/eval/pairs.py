@@ -20,10 +20,10 @@ from typing import Any
 import jax
 
 from jaxalign.errors import JaxalignError
-from jaxalign.generate import complete
-from jaxalign.paths import as_path
-from jaxalign.score import read_jsonl
-from jaxalign.sharding import make_mesh, use_mesh
+from jaxalign.eval.generate import complete
+from jaxalign.eval.score import read_jsonl
+from jaxalign.runtime.paths import as_path
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def completion_text(tokenizer, prompt: str | list, prompt_ids: Sequence[int], co
 
 
 def task_judge(name: str) -> Judge:
-    from jaxalign.tasks import get_task
+    from jaxalign.eval.tasks import get_task
 
     task = get_task(name)
     if not hasattr(task, "judge_pair"):
@@ -75,9 +75,9 @@ def run_pairs(model_path: str, prompts_path: str, out_path: str, *, judge: str, 
     """Write pairs.jsonl; returns counts {"prompts", "pairs", "skipped_all_tied"}."""
     # Imported here, not at the top: model_io imports Orbax, whose absl logging installs a root handler
     # on import, and `jaxalign` (cli.main) builds its parser before it configures logging.
-    from jaxalign import model_io
+    from jaxalign.checkpoint import model_io
     from jaxalign.data.tokenize import encode_prompt
-    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.data.tokenizer import load_tokenizer
 
     if num_samples < 2:
         raise JaxalignError(f"--num-samples must be at least 2, got {num_samples}")

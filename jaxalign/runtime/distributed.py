@@ -14,7 +14,7 @@ Where the process group comes from, first match wins:
 
 On the CPU platform (tests: several processes on localhost) the cross-process collectives use gloo.
 Every process runs the same program; each sees all devices (`jax.devices()`) and feeds only its own
-(`jax.local_devices()`). Shared files are written by process 0 only (see `jaxalign.train.loop`).
+(`jax.local_devices()`). Shared files are written by process 0 only (see `jaxalign.run.loop`).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from jaxalign import paths
 from jaxalign.errors import JaxalignError
+from jaxalign.runtime import paths
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ _REQUIRED_TAGS: dict[str, tuple[str, ...]] = {
 
 
 class _TemplateTokenizer(Protocol):
-    """What template selection needs from a tokenizer (jaxalign.tokenizer.Tokenizer has it)."""
+    """What template selection needs from a tokenizer (jaxalign.data.tokenizer.Tokenizer has it)."""
 
     bos_token: str | None
     eos_token: str | None

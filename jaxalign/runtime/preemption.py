@@ -3,7 +3,7 @@
 SIGTERM is what a TPU VM or spot/preemptible VM gets before it is taken away (and what Kubernetes,
 Slurm and `kill` send first); SIGKILL follows after a grace period. The handler only sets a flag;
 the training loop asks `requested()` after each step and, when it says so, writes a checkpoint of that
-step, waits for the write and returns, so `--resume` continues exactly (see jaxalign.train.loop).
+step, waits for the write and returns, so `--resume` continues exactly (see jaxalign.run.loop).
 Further SIGTERMs change nothing: the checkpoint being written is finished. SIGINT (Ctrl-C) acts like
 SIGTERM the first time; a second SIGINT aborts (KeyboardInterrupt; the pending write still completes
 unless interrupted again).
@@ -26,7 +26,6 @@ import signal
 import threading
 
 import numpy as np
-
 
 _ACTIVE: list[PreemptionWatch] = []  # the watches entered, outermost first
 

@@ -41,8 +41,8 @@ from jax.sharding import Mesh
 
 from jaxalign.data.batching import round_up
 from jaxalign.errors import JaxalignError
-from jaxalign.paths import as_path
-from jaxalign.sharding import batch_sharding, constrain, make_mesh, use_mesh
+from jaxalign.runtime.paths import as_path
+from jaxalign.runtime.sharding import batch_sharding, constrain, make_mesh, use_mesh
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +293,10 @@ def run_generate(model_path: str, prompts_path: str, out_path: str, *, batch_siz
                  dtype: str = "float32", mesh_sizes: dict | None = None) -> int:
     """The `jaxalign generate` command: each input row plus `completion`, `completion_ids` and
     `finish_reason`, in input order, written to `out_path`. Returns the number of rows."""
-    from jaxalign import model_io
+    from jaxalign.checkpoint import model_io
     from jaxalign.data.tokenize import encode_prompt
-    from jaxalign.score import read_jsonl
-    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.data.tokenizer import load_tokenizer
+    from jaxalign.eval.score import read_jsonl
 
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if batch_size < 1:
