@@ -71,7 +71,7 @@ def _data(args: argparse.Namespace) -> int:
     from jaxalign.config import load_stage_config
     from jaxalign.data.inspect import inspect_data
     from jaxalign.data.pipeline import load_examples
-    from jaxalign.run.loop import run_tokenizer
+    from jaxalign.run.build import run_tokenizer
 
     cfg = load_stage_config(args.config, args.set, args.stage)
     tokenizer = run_tokenizer(cfg)

@@ -35,11 +35,12 @@ from jaxalign.eval.evaluate import run_eval, skill_of
 from jaxalign.export.hf import save_hf
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.run import lifecycle
-from jaxalign.run.loop import model_options, run_tokenizer, train
+from jaxalign.run.build import mesh_from_config, model_options, run_tokenizer
+from jaxalign.run.loop import train
 from jaxalign.runtime import paths, run_lock
 from jaxalign.runtime.distributed import agree
 from jaxalign.runtime.preemption import PreemptionWatch
-from jaxalign.runtime.sharding import make_mesh, merged_rules, use_mesh
+from jaxalign.runtime.sharding import use_mesh
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ def base_model_path(cfg, root: paths.Path) -> str:
     if not lifecycle.is_complete(base):
         if jax.process_index() == 0:
             lifecycle.clear_incomplete(base, "the base model")
-        mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
-        rules = merged_rules(dict(cfg.mesh.rules))
+        mesh, rules = mesh_from_config(cfg)
         tokenizer = run_tokenizer(cfg)
         hf = dict(cfg.model.config)
         # A model made here has no pretrained special ids: take the run tokenizer's, so that every
@@ -161,8 +161,7 @@ def export(cfg, dpo_dir: paths.Path, out: paths.Path) -> paths.Path:
         return out
     if jax.process_index() == 0:
         lifecycle.clear_incomplete(out, "the export")
-    mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
-    rules = merged_rules(dict(cfg.mesh.rules))
+    mesh, rules = mesh_from_config(cfg)
     tokenizer = run_tokenizer(cfg)
     with use_mesh(mesh, rules):
         model = model_io.load_model(dpo_dir, mesh, rules)

@@ -12,7 +12,8 @@ from jaxalign.config import load_config, stage_config
 from jaxalign.data.iterator import make_iterator, to_global_arrays
 from jaxalign.eval.evaluate import Evaluator
 from jaxalign.models import ModelConfig, init_model
-from jaxalign.run.loop import mean_over, objective_from_config
+from jaxalign.run.build import objective_from_config
+from jaxalign.run.metrics import mean_over
 from jaxalign.runtime.sharding import use_mesh
 from jaxalign.train.step import make_eval_step
 

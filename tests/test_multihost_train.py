@@ -17,7 +17,7 @@ import sys
 import time
 
 from local_processes import free_port, start_workers, wait_workers
-from tiny_runs import hh_sft_config  # stdlib only: the workers set their environment before jax loads
+from tiny_runs import hh_sft_config, train_until  # stdlib only: the workers set their environment before jax loads
 
 THIS = pathlib.Path(__file__).resolve()
 REPO = THIS.parents[1]
@@ -57,7 +57,7 @@ def run_stages(root: pathlib.Path, shared_data: pathlib.Path, cache: pathlib.Pat
         config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
         trainer = Trainer(config)
         if stage in interrupt:
-            first = trainer.train(stop_after=STOP_AT)
+            first = train_until(trainer, STOP_AT)
             assert first["stopped_at"] == STOP_AT, first
             trainer = Trainer(config, resume=True)
             assert int(trainer.state.step) == STOP_AT

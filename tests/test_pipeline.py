@@ -284,7 +284,7 @@ def test_export_loads_in_transformers_and_matches_jaxalign_generate(passed_run, 
 
     from jaxalign.data.tokenizer import load_tokenizer
     from jaxalign.eval.generate import generate_text
-    from jaxalign.run.loop import model_options
+    from jaxalign.run.build import model_options
     from jaxalign.runtime.sharding import make_mesh, merged_rules, use_mesh
 
     root = passed_run["root"]

@@ -14,8 +14,8 @@ import pytest
 
 from jaxalign.config import apply_overrides, load_config, validate
 from jaxalign.models import ModelConfig
-from jaxalign.plan import ACCELERATORS, abstract_mesh, build_abstract_step, parse_mesh, plan
-from jaxalign.runtime.sharding import MESH_AXES
+from jaxalign.plan import ACCELERATORS, build_abstract_step, parse_mesh, plan
+from jaxalign.runtime.sharding import MESH_AXES, abstract_mesh
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "real"
 MODELS = ("llama3.2-1b", "llama3.2-3b", "llama3.1-8b", "llama3.1-70b", "qwen2.5-0.5b", "qwen2.5-7b", "mistral-7b")

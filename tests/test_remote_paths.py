@@ -31,7 +31,7 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as fsspec_registry
 from orbax.checkpoint._src.path import gcs_utils
-from tiny_runs import TINY_LLAMA
+from tiny_runs import TINY_LLAMA, train_until
 
 from jaxalign.checkpoint import model_io
 from jaxalign.checkpoint.store import RunCheckpointer
@@ -276,7 +276,7 @@ def test_train_resume_and_load_a_run_on_gs(fake_gcs, shared_data, tmp_path, monk
     config_file.write_text(yaml.safe_dump(train_config(shared_data)))
     cfg = load_config(config_file)
 
-    first = Trainer(cfg).train(stop_after=2)
+    first = train_until(Trainer(cfg), 2)
     assert first["stopped_at"] == 2
     with pytest.raises(JaxalignError, match="already holds a run"):
         check_run_dir(cfg, resume=False, overwrite=False)

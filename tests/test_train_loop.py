@@ -21,7 +21,7 @@ import pytest
 import yaml
 from flax import nnx
 from run_faults import logged_steps
-from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics
+from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics, train_until
 
 from jaxalign import cli
 from jaxalign.checkpoint import model_io
@@ -287,7 +287,7 @@ def test_dpo_precomputed_reference_matches_model_reference(base, sft_run, dpo_mo
     trainer = Trainer(config)
     assert trainer.ref_params is None
     assert all("ref_chosen_logp" in ex for ex in trainer.train_examples + trainer.eval_examples)
-    summary = trainer.train(stop_after=4)
+    summary = train_until(trainer, 4)
     assert summary["stopped_at"] == 4 and step_dirs(trainer.run) == [4]
     got, _ = read_metrics(trainer.run)
     ref, _ = read_metrics(dpo_model_run[0].run)

@@ -37,3 +37,26 @@ def read_metrics(run: pathlib.Path) -> tuple[dict[int, dict], list[dict]]:
             assert record["step"] not in train, f"step {record['step']} logged twice"
             train[record["step"]] = record
     return train, evals
+
+
+def train_until(trainer, step: int) -> dict:
+    """`trainer.train()` with a real SIGTERM sent to this process as step `step` finishes: the loop stops
+    there as a preempted run does (checkpoint written, status "preempted"); its summary."""
+    import os
+    import signal
+
+    compiled = trainer.compiled_step
+
+    def compiled_step(batch):
+        fn = compiled(batch)
+
+        def run(state, *args):
+            out = fn(state, *args)
+            if int(out[0].step) == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        return run
+
+    trainer.compiled_step = compiled_step
+    return trainer.train()

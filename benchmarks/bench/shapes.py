@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxalign.models import flops
+from jaxalign.models.config import ModelConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -49,30 +52,22 @@ SHAPES = {
 }
 
 
+def model_config(s: Shape) -> ModelConfig:
+    return ModelConfig.from_hf_dict(s.hf_config(), source=f"shape {s.name}")
+
+
 def matmul_params(s: Shape) -> int:
-    """N of the 6·N rule: every matmul weight (layers + LM head); no embedding lookup, no norm scales."""
-    attn = s.hidden * s.heads * s.head_dim * 2 + s.hidden * s.kv_heads * s.head_dim * 2  # q, o + k, v
-    mlp = 3 * s.hidden * s.mlp  # gate, up, down
-    return s.layers * (attn + mlp) + s.hidden * s.vocab  # + LM head
+    """N of the 6·N rule (jaxalign.models.flops.matmul_params)."""
+    return flops.matmul_params(model_config(s))
 
 
 def model_flops(s: Shape, rows: int | None = None, seq: int | None = None, live_reference: bool = False) -> float:
-    """Model FLOPs of one training step over `rows` × `seq` tokens (see the module doc).
-
-    train: 6·N·tokens                       (forward 2·N, backward 4·N per token)
-         + 12·L·(H·d)·T²·B / 2              (QKᵀ and P·V: 2·2·T²·H·d forward per layer and row,
-                                             ×3 with the backward, halved for the causal mask)
-    live DPO reference: + 2·N·tokens + 4·L·(H·d)·T²·B / 2 (its forward only).
-    """
+    """Model FLOPs of one training step over `rows` × `seq` tokens, as jaxalign.models.flops counts them:
+    6·N·tokens + 12·L·(H·d)·T²·B / 2 (causal attention counted once), + 2·N·tokens + 4·L·(H·d)·T²·B / 2
+    for a live DPO reference."""
     rows = s.batch if rows is None else rows
     seq = s.seq if seq is None else seq
-    tokens = rows * seq
-    n = matmul_params(s)
-    attn_width = s.heads * s.head_dim
-    flops = 6 * n * tokens + 12 * s.layers * attn_width * seq * seq * rows / 2
-    if live_reference:
-        flops += 2 * n * tokens + 4 * s.layers * attn_width * seq * seq * rows / 2
-    return float(flops)
+    return flops.train_step_flops(model_config(s), rows, seq, live_reference)["total"]
 
 
 # Dense datasheet peaks (FLOP/s) by device kind substring and compute dtype; CPU peaks are measured.

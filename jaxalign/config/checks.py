@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 from jaxalign.runtime.paths import is_remote
+from jaxalign.runtime.sharding import MESH_AXES
 
 log = logging.getLogger("jaxalign.config")
 
-MESH_AXES = ("data", "fsdp", "tensor")
 CHAT_TEMPLATES = ("llama2", "llama3", "chatml", "plain")
 
 

@@ -22,7 +22,6 @@ iterator builds only those, and `to_global_arrays` assembles the global jax.Arra
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ from jax.sharding import Mesh
 from jaxalign.data.batching import bucket_length, check_pair, dpo_ref_logps, dpo_rows, pair_lengths, sft_rows
 from jaxalign.data.packing import pack_bfd, pack_rows
 from jaxalign.errors import JaxalignError
-from jaxalign.runtime.sharding import batch_sharding
+from jaxalign.runtime.sharding import batch_sharding, data_parallel_size
 
 STATE_VERSION = 1
 # state() keys that must match on restore: a different value would give different batches.
@@ -41,17 +40,9 @@ _PLAN_KEYS = ("stage", "num_examples", "seed", "shuffle", "packing", "batch_size
               "pad_to_multiple_of", "drop_remainder")
 
 
-def _row_shards(mesh: Mesh) -> int:
-    """How many ways `batch_sharding` splits the row axis."""
-    spec = batch_sharding(mesh, 1).spec
-    axes = spec[0] if spec else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def host_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
     """Global row indices held by this process's devices, ascending (the local data's row order)."""
-    shards = _row_shards(mesh)
+    shards = data_parallel_size(mesh)
     if global_rows % shards:
         raise JaxalignError(f"a batch of {global_rows} rows cannot be split over {shards} data-parallel devices "
                             f"(mesh {dict(mesh.shape)}); make train.batch_size a multiple of {shards} "
@@ -66,7 +57,7 @@ def to_global_arrays(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
     """Global arrays sharded by `batch_sharding` from this process's rows (`host_rows` order)."""
     local_rows = len(next(iter(host_batch.values())))
     if global_rows is None:
-        shards = _row_shards(mesh)
+        shards = data_parallel_size(mesh)
         probe = batch_sharding(mesh, 2).addressable_devices_indices_map((shards, 1))
         local_shards = len({idx[0].indices(shards)[:2] for idx in probe.values()})
         global_rows = local_rows // local_shards * shards

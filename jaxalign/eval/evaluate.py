@@ -19,7 +19,6 @@ from flax import nnx
 
 from jaxalign.checkpoint import model_io
 from jaxalign.config import stage_config
-from jaxalign.data.iterator import make_iterator, to_global_arrays
 from jaxalign.data.pipeline import load_examples
 from jaxalign.data.sources import load_rows
 from jaxalign.data.tokenize import encode_prompt, resolve_cache_dir, tokenize_dataset
@@ -27,9 +26,10 @@ from jaxalign.errors import JaxalignError
 from jaxalign.eval.generate import generate_text
 from jaxalign.eval.report import build_report, write_report
 from jaxalign.eval.score import read_jsonl, score_rows
-from jaxalign.run.loop import mean_over, model_options, objective_from_config, run_tokenizer
+from jaxalign.run.build import mesh_from_config, model_options, objective_from_config, run_tokenizer
+from jaxalign.run.heldout import heldout_metrics
 from jaxalign.runtime import paths
-from jaxalign.runtime.sharding import make_mesh, merged_rules, use_mesh
+from jaxalign.runtime.sharding import use_mesh
 from jaxalign.train.step import make_eval_step
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ class Evaluator:
 
     def __init__(self, cfg, tokenizer=None):
         self.cfg = cfg
-        self.rules = merged_rules(dict(cfg.mesh.rules))
-        self.mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
+        self.mesh, self.rules = mesh_from_config(cfg)
         self.tokenizer = tokenizer or run_tokenizer(cfg)
         self.held_out = load_held_out(cfg, self.tokenizer)
         self.task = _task(cfg.eval.task)
@@ -90,13 +89,8 @@ class Evaluator:
         # The stage's own objective, as training builds it (loss type, label smoothing, RPO weight, chunking).
         objective = objective_from_config(stage_config(self.cfg, stage))
         graphdef, params = nnx.split(model)
-        step = jax.jit(make_eval_step(graphdef, objective))
-        it = make_iterator(examples, self.cfg, stage=stage, train=False, mesh=self.mesh, pad_id=self.pad_id)
-        records = []
-        with use_mesh(self.mesh, self.rules):
-            for host in it:
-                records.append(jax.device_get(step(params, to_global_arrays(host, self.mesh), ref_params)))
-        return mean_over(records, "num_tokens" if stage == "sft" else "num_pairs")
+        return heldout_metrics(jax.jit(make_eval_step(graphdef, objective)), params, examples, self.cfg, self.mesh,
+                               self.rules, stage=stage, ref_params=ref_params, pad_id=self.pad_id)
 
     def nll(self, model) -> dict[str, float]:
         if not self.held_out.sft_examples:

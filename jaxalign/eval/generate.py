@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 from jaxalign.data.batching import round_up
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import as_path
-from jaxalign.runtime.sharding import batch_sharding, constrain, make_mesh, use_mesh
+from jaxalign.runtime.sharding import batch_sharding, constrain, data_parallel_size, make_mesh, use_mesh
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def generate_rows(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         return []
     eos = sorted({int(t) for t in eos_ids if 0 <= int(t) < vocab}) or [-1]
     pad_id = pad_id if 0 <= pad_id < vocab else 0
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    data_parallel = data_parallel_size(mesh) if mesh is not None else 1
     rows = round_up(batch_size if batch_size > 0 else len(prompts), data_parallel)
     greedy = temperature == 0.0
     static = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=0 if greedy else int(top_k),

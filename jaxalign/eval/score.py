@@ -20,7 +20,7 @@ from jaxalign.data.sources import iter_jsonl
 from jaxalign.errors import JaxalignError
 from jaxalign.models.logprobs import sequence_logprobs
 from jaxalign.runtime.paths import as_path
-from jaxalign.runtime.sharding import batch_sharding, make_mesh, use_mesh
+from jaxalign.runtime.sharding import batch_sharding, data_parallel_size, make_mesh, use_mesh
 
 read_jsonl = iter_jsonl  # (1-based line number, row) per JSONL row; errors name file:line
 
@@ -85,7 +85,7 @@ def score_rows(model, rows: Iterable[tuple[str, list[int], list[int]]], mesh, ba
     for where, prompt, completion in rows:
         check_ids(prompt, completion, vocab_size, where)
         examples.append(completion_sequence(prompt, completion))
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    data_parallel = data_parallel_size(mesh)
     rows_per_batch = round_up(max(batch_size, 1), data_parallel)
     graphdef, state = nnx.split(model)
     score = make_score_fn(graphdef, chunk_size)

@@ -1,15 +1,34 @@
-"""What a run starts from: the objective, model options, the starting model and the run's tokenizer,
-resolved from the config and checked before anything is written or loaded."""
+"""Building a run from its config, the one place every entry point does it: the mesh and sharding rules,
+the starting model and the run's tokenizer (checked before anything is written or loaded), the
+stage's objective, and the train state with its sharded, not yet compiled step. The loop, `eval`,
+the pipeline, `plan`, the benchmarks and the tests all build through here."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxalign.checkpoint import model_io
+from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
-from jaxalign.train.step import Objective
+from jaxalign.runtime.sharding import MESH_AXES, make_mesh, merged_rules
+from jaxalign.train.optimizer import build_optimizer
+from jaxalign.train.step import Objective, TrainState, make_train_step
+
+
+def mesh_from_config(cfg, devices=None):
+    """(mesh, rules) of `mesh:` (sizes of data, fsdp, tensor; `mesh.rules` over the default table)."""
+    return make_mesh({k: cfg.mesh[k] for k in MESH_AXES}, devices), merged_rules(dict(cfg.mesh.rules))
+
+
+def accumulation_steps(cfg) -> int:
+    """Micro-batches per optimizer step (train.micro_batch_size; 0 = the whole batch at once)."""
+    return cfg.train.batch_size // cfg.train.micro_batch_size if cfg.train.micro_batch_size else 1
 
 
 def objective_from_config(cfg) -> Objective:
@@ -70,7 +89,7 @@ def check_model_source(cfg):
     return model_cfg, tokenizer
 
 
-def load_model_and_tokenizer(cfg, mesh, rules, checked=None):
+def build_model_and_tokenizer(cfg, mesh, rules, checked=None):
     """(model, tokenizer, source dtype); `checked` is check_model_source's result when already done."""
     model_cfg, tokenizer = checked or check_model_source(cfg)
     path = initial_model_path(cfg)
@@ -86,10 +105,42 @@ def load_model_and_tokenizer(cfg, mesh, rules, checked=None):
 
 def run_tokenizer(cfg):
     """The run's tokenizer: tokenizer.path, else the starting model's own."""
-    from jaxalign.data.tokenizer import load_tokenizer
-
     path = initial_model_path(cfg)
     tok_path = cfg.tokenizer.path or (str(model_io.tokenizer_path(path)) if path else "")
     if not tok_path:
         raise JaxalignError("set tokenizer.path (or model.path to a model dir with a tokenizer)")
     return load_tokenizer(tok_path, cfg.tokenizer.chat_template, cfg.model.trust_remote_code)
+
+
+class TrainSetup(NamedTuple):
+    state: TrainState  # concrete arrays, or ShapeDtypeStructs with shardings (for `plan`)
+    shardings: Any  # of the state
+    step: Any  # step(state, batch, ref_params) -> (state, metrics), not yet jitted (train.step.jit_train_step)
+
+
+def build_train_state(cfg, mesh, graphdef, params, total_steps: int) -> TrainSetup:
+    """The optimizer state, the step counter and the stage's step for `params` (arrays, or abstract
+    ShapeDtypeStructs with shardings: then nothing is allocated)."""
+    optimizer, schedule = build_optimizer(cfg.optimizer, total_steps)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+        opt = jax.eval_shape(optimizer.init, params)
+        opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt,
+                           _opt_state_shardings(opt, params, replicated))
+        state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params, opt_state=opt)
+    else:
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params))
+    step = make_train_step(graphdef, objective_from_config(cfg), optimizer, schedule, accumulation_steps(cfg))
+    return TrainSetup(state, jax.tree.map(lambda x: x.sharding, state), step)
+
+
+def _opt_state_shardings(opt_abstract, params_abstract, replicated):
+    """Optimizer state leaves shaped like the parameter tree (Adam's mu, nu) take the parameters'
+    shardings, as `jit(optimizer.init)(params)` gives them; the rest (counts) are replicated."""
+    p_def = jax.tree.structure(params_abstract)
+    p_shard = jax.tree.map(lambda a: a.sharding, params_abstract)
+
+    def is_param_tree(x):
+        return not isinstance(x, jax.ShapeDtypeStruct) and jax.tree.structure(x) == p_def
+
+    return jax.tree.map(lambda x: p_shard if is_param_tree(x) else replicated, opt_abstract, is_leaf=is_param_tree)

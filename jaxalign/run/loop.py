@@ -23,45 +23,31 @@ from tqdm import tqdm
 from jaxalign.checkpoint import model_io
 from jaxalign.checkpoint.store import RunCheckpointer
 from jaxalign.config import save_config
-from jaxalign.data.iterator import make_iterator, to_global_arrays
+from jaxalign.data.iterator import make_iterator
 from jaxalign.data.prefetch import Position, Prefetcher
 from jaxalign.errors import JaxalignError
 from jaxalign.run import lifecycle
 from jaxalign.run.build import (
+    build_model_and_tokenizer,
+    build_train_state,
     check_model_source,
-    load_model_and_tokenizer,
-    model_options,
+    mesh_from_config,
     objective_from_config,
-    run_tokenizer,
 )
+from jaxalign.run.heldout import heldout_metrics, weight_key
 from jaxalign.run.lifecycle import check_run_dir
 from jaxalign.run.metrics import MetricsLog, mean_over
 from jaxalign.run.resume import RunCheckpoints
 from jaxalign.runtime import run_lock
 from jaxalign.runtime.distributed import agree
 from jaxalign.runtime.preemption import PreemptionWatch
-from jaxalign.runtime.sharding import make_mesh, merged_rules, use_mesh
-from jaxalign.train.optimizer import build_optimizer
-from jaxalign.train.step import (
-    TrainState,
-    batch_shardings,
-    jit_train_step,
-    make_eval_step,
-    make_train_step,
-    reference_logps,
-)
+from jaxalign.runtime.sharding import use_mesh
+from jaxalign.train.step import batch_shardings, jit_train_step, make_eval_step, reference_logps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "train", "check_run_dir", "check_model_source", "mean_over", "model_options", "run_tokenizer",
-           "objective_from_config"]
-
 # The train step's `nonfinite` metric: which check refused the update.
 NONFINITE = {1: "non-finite loss or gradients", 2: "an update that would make the weights non-finite"}
-
-
-def accumulation_steps(cfg) -> int:
-    return cfg.train.batch_size // cfg.train.micro_batch_size if cfg.train.micro_batch_size else 1
 
 
 class Trainer(RunCheckpoints):
@@ -86,10 +72,9 @@ class Trainer(RunCheckpoints):
 
     def _init(self, cfg, run, checked, resume: bool, overwrite: bool) -> None:
         self.run = run
-        self.rules = merged_rules(dict(cfg.mesh.rules))
-        self.mesh = make_mesh({k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")})
+        self.mesh, self.rules = mesh_from_config(cfg)
         self.stage = cfg.stage
-        self.weight_key = "num_tokens" if self.stage == "sft" else "num_pairs"
+        self.weight_key = weight_key(self.stage)
         model_cfg, self.tokenizer = checked
         self.pad_id = self.tokenizer.pad_id or 0
         manifest = agree("loading the data", lambda: self._load_data(model_cfg),
@@ -97,7 +82,7 @@ class Trainer(RunCheckpoints):
         if resume:
             lifecycle.check_manifest_fits(run, manifest)
         with use_mesh(self.mesh, self.rules):
-            model, _, source_dtype = load_model_and_tokenizer(cfg, self.mesh, self.rules, checked)
+            model, _, source_dtype = build_model_and_tokenizer(cfg, self.mesh, self.rules, checked)
             self.graphdef, params = nnx.split(model)
             params = nnx.to_pure_dict(params)
             self.objective = objective_from_config(cfg)
@@ -108,12 +93,8 @@ class Trainer(RunCheckpoints):
                     self.ref_params = jax.tree.map(jnp.copy, params)
                 else:
                     self.precompute_reference(params)
-            optimizer, self.schedule = build_optimizer(cfg.optimizer, self.total_steps)
-            self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    opt_state=jax.jit(optimizer.init)(params))
-            self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-            self.step_fn_raw = make_train_step(self.graphdef, self.objective, optimizer, self.schedule,
-                                               accumulation_steps(cfg))
+            self.state, self.state_shardings, self.step_fn_raw = build_train_state(
+                cfg, self.mesh, self.graphdef, params, self.total_steps)
             self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.objective))
             self._compiled: dict[tuple, Any] = {}
         self.metrics_log = MetricsLog(run)
@@ -214,32 +195,24 @@ class Trainer(RunCheckpoints):
     # --- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, params=None) -> dict[str, float]:
-        """Metrics over the held-out set (or its first eval.batches batches), same definitions as training."""
+        """Metrics over the held-out set (or its first train.eval_batches batches), as training defines them."""
         if not self.eval_examples:
             return {}
-        params = self.state.params if params is None else params
-        it = make_iterator(self.eval_examples, self.cfg, train=False, mesh=self.mesh, pad_id=self.pad_id)
-        records = []
-        with use_mesh(self.mesh, self.rules):
-            for i, host in enumerate(it):
-                if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
-                    break
-                batch = to_global_arrays(host, self.mesh)
-                records.append(jax.device_get(self.eval_fn(params, batch, self.ref_params)))
-        return {f"eval/{k}" if not k.startswith("num_") else f"eval/{k}": v
-                for k, v in mean_over(records, self.weight_key).items()}
+        metrics = heldout_metrics(self.eval_fn, self.state.params if params is None else params, self.eval_examples,
+                                  self.cfg, self.mesh, self.rules, ref_params=self.ref_params,
+                                  max_batches=self.cfg.train.eval_batches, pad_id=self.pad_id)
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def train(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Run to train.max_steps (or the planned epochs). `stop_after`: return after that step as a
-        preempted run would, with a checkpoint of it written; `--resume` then continues exactly.
-        SIGTERM does the same after the current step (summary["state"] "preempted"); on an error,
+    def train(self) -> dict[str, Any]:
+        """Run to train.max_steps (or the planned epochs). SIGTERM (or SIGINT) stops after the current step
+        with a checkpoint of it written (summary["state"] "preempted"; `--resume` continues exactly); on an error,
         pending checkpoint writes complete before it propagates, status.json says "failed", and the run
         dir's lock is released. Only a run that trained to its last step is "finished"."""
         cfg = self.cfg
         start = int(self.state.step)
-        end = self.total_steps if stop_after is None else max(start, min(stop_after, self.total_steps))
+        end = self.total_steps
         pending: list[dict] = []
         last_eval: dict[str, float] = {}
         nonfinite_steps = streak = 0

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jaxalign.errors import JaxalignError
 
@@ -50,14 +50,18 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 _active_rules: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("rules", default=None)
 
 
+def axes_tuple(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A rules-table or PartitionSpec entry (None, one mesh axis, or several) as a tuple of mesh axes."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def merged_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The default table with `mesh.rules` from the config applied on top."""
     rules = dict(RULES)
     for name, axes in (overrides or {}).items():
         if name not in RULES:
             raise JaxalignError(f"mesh.rules: unknown logical axis {name!r}; known: {', '.join(RULES)}")
-        axes_tuple = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        for axis in axes_tuple:
+        for axis in axes_tuple(axes):
             if axis not in MESH_AXES:
                 raise JaxalignError(f"mesh.rules.{name}: unknown mesh axis {axis!r}; mesh axes: {MESH_AXES}")
         rules[name] = axes if axes is None or isinstance(axes, str) else tuple(axes)
@@ -92,6 +96,18 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
+def abstract_mesh(sizes: Mapping[str, int], num_devices: int) -> AbstractMesh:
+    """The mesh of `sizes` over `num_devices` devices that need not exist (for lowering a plan)."""
+    shape = resolve_mesh_shape(sizes, num_devices)
+    return AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh | AbstractMesh, rules: Mapping[str, Any] | None = None) -> int:
+    """How many ways the batch axis is split (the product of the mesh axes "batch" maps to)."""
+    spec = logical_to_spec(("batch",), None, mesh, rules)
+    return math.prod(mesh.shape[a] for a in axes_tuple(spec[0]))
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh | Any,
                     rules: Mapping[str, Any] | None = None) -> PartitionSpec:
     """PartitionSpec for an array with logical axis `names`.
@@ -103,10 +119,8 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, me
     used: set[str] = set()
     spec = []
     for dim, name in enumerate(names):
-        axes = rules.get(name) if name is not None else None
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         kept = []
-        for axis in axes:
+        for axis in axes_tuple(rules.get(name) if name is not None else None):
             size = mesh.shape[axis]
             divides = shape is None or shape[dim] % (math.prod(mesh.shape[a] for a in kept) * size) == 0
             if axis not in used and size > 1 and divides:
@@ -137,11 +151,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping[str, Any] | None = 
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Iterator[Mesh]:
-    """Make `mesh` and `rules` current: model code then constrains activations by logical name."""
+def use_mesh(mesh: Mesh | AbstractMesh, rules: Mapping[str, Any] | None = None) -> Iterator[Mesh | AbstractMesh]:
+    """Make `mesh` and `rules` current: model code then constrains activations by logical name. An
+    AbstractMesh (no devices: `plan`) works too, for tracing and lowering."""
     token = _active_rules.set(rules if rules is not None else RULES)
     try:
-        with jax.set_mesh(mesh):
+        with jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else jax.set_mesh(mesh):
             yield mesh
     finally:
         _active_rules.reset(token)

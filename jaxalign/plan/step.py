@@ -1,0 +1,89 @@
+"""`jaxalign train`'s step for a config, built from abstract shapes: nothing is read or allocated."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxalign.checkpoint import model_io
+from jaxalign.errors import JaxalignError
+from jaxalign.models import ModelConfig, abstract_model
+from jaxalign.run.build import accumulation_steps, build_train_state, model_options
+from jaxalign.runtime.sharding import data_parallel_size, merged_rules, use_mesh
+from jaxalign.train.step import batch_shardings, jit_train_step
+
+
+def model_config_of(cfg) -> ModelConfig:
+    """The architecture from `model.config` (no file read), else the config.json at `model.path`."""
+    if cfg.model.config:
+        return ModelConfig.from_hf_dict(dict(cfg.model.config), source="model.config")
+    path = cfg.dpo.init_from if cfg.stage == "dpo" and cfg.dpo.init_from else cfg.model.path
+    if not path:
+        raise JaxalignError("set model.config (an inline HF architecture) or model.path to plan a run")
+    return model_io.load_model_config(path)
+
+
+def batch_shapes(cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """The train step's batch: name -> (shape, dtype) at data.max_length (the largest bucket)."""
+    rows = cfg.train.batch_size * (2 if cfg.stage == "dpo" else 1)
+    length = cfg.data.max_length
+    shapes = {k: ((rows, length), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
+    shapes["loss_mask"] = ((rows, length), np.bool_)
+    if cfg.stage == "dpo" and cfg.dpo.reference == "precomputed":
+        shapes["ref_logps"] = ((rows,), np.float32)
+    return shapes
+
+
+@dataclasses.dataclass
+class AbstractStep:
+    """The jitted train step and abstract arguments (ShapeDtypeStructs with shardings)."""
+
+    jitted: Any
+    state: Any
+    batch: dict[str, jax.ShapeDtypeStruct]
+    ref_params: Any
+    model_cfg: ModelConfig
+    mesh: Any
+    rules: dict[str, Any]
+
+    def trace(self):
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted.trace(self.state, self.batch, self.ref_params)
+
+    def lower(self, platform: str | None = None):
+        """Lowered for `platform` ('tpu', 'cuda', 'cpu'); None = the local backend."""
+        traced = self.trace()
+        with use_mesh(self.mesh, self.rules):
+            return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+
+
+def build_abstract_step(cfg, mesh, total_steps: int = 1000) -> AbstractStep:
+    """`jaxalign train`'s step for `cfg` on `mesh` (a Mesh or an AbstractMesh), with no memory allocated:
+    the same builders as the trainer's (run.build), fed abstract parameters."""
+    rules = merged_rules(dict(cfg.mesh.rules))
+    model_cfg = model_config_of(cfg)
+    with use_mesh(mesh, rules):
+        graphdef, state, shardings = abstract_model(model_cfg, mesh, rules, **model_options(cfg))
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
+        train_state, state_shardings, step = build_train_state(cfg, mesh, graphdef, params, total_steps)
+        shapes = batch_shapes(cfg)
+        rows, dp, accum = shapes["tokens"][0][0], data_parallel_size(mesh, rules), accumulation_steps(cfg)
+        if (rows // accum) % dp:
+            unit = "pairs (2 rows each)" if cfg.stage == "dpo" else "rows"
+            raise JaxalignError(
+                f"train.batch_size={cfg.train.batch_size} {unit}"
+                + (f" in micro-batches of {cfg.train.micro_batch_size}" if accum > 1 else "")
+                + f" cannot be split over the {dp} data-parallel devices of mesh {dict(mesh.shape)}: "
+                f"use a multiple of {dp // math.gcd(dp, 2) if cfg.stage == 'dpo' else dp} per micro-batch")
+        shards = batch_shardings({k: s for k, (s, _) in shapes.items()}, mesh)
+        batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shards[k]) for k, (s, d) in shapes.items()}
+        ref = params if cfg.stage == "dpo" and cfg.dpo.reference == "model" else None
+        jitted = jit_train_step(step, state_shardings, shards, None if ref is None else jax.tree.map(
+            lambda x: x.sharding, ref))
+    return AbstractStep(jitted, train_state, batch, ref, model_cfg, mesh, rules)
