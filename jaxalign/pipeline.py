@@ -20,7 +20,6 @@ exits 75) and a re-run goes on from there.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ from jaxalign.checkpoint import model_io
 from jaxalign.config import config_to_dict, save_config, stage_config
 from jaxalign.errors import JaxalignError
 from jaxalign.eval.evaluate import run_eval, skill_of
-from jaxalign.export.hf import save_hf
+from jaxalign.export.hf import export_run
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.run import lifecycle
 from jaxalign.run.build import mesh_from_config, model_options, run_tokenizer
@@ -144,34 +143,6 @@ def gate(cfg, sft_dir: paths.Path, root: paths.Path) -> dict[str, Any]:
     return result
 
 
-def export_config(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
-    """The model config to export: its EOS ids joined with the tokenizer's EOS (the ids `jaxalign generate`
-    stops at), and the tokenizer's BOS when the model names none, so transformers' `generate` stops where
-    jaxalign's does."""
-    eos = sorted(set(model_cfg.eos_token_ids) | {tokenizer.eos_id})
-    return dataclasses.replace(
-        model_cfg, eos_token_id=eos[0] if len(eos) == 1 else tuple(eos),
-        bos_token_id=tokenizer.bos_id if model_cfg.bos_token_id is None else model_cfg.bos_token_id)
-
-
-def export(cfg, dpo_dir: paths.Path, out: paths.Path) -> paths.Path:
-    """The DPO model in HF format; complete only with its COMPLETE marker (a partial one is redone)."""
-    if lifecycle.is_complete(out):
-        log.info("export: %s exists, skipped", out)
-        return out
-    if jax.process_index() == 0:
-        lifecycle.clear_incomplete(out, "the export")
-    mesh, rules = mesh_from_config(cfg)
-    tokenizer = run_tokenizer(cfg)
-    with use_mesh(mesh, rules):
-        model = model_io.load_model(dpo_dir, mesh, rules)
-        save_hf(model, export_config(model.cfg, tokenizer), out, tokenizer=tokenizer,
-                dtype=model_io.source_dtype(dpo_dir))
-    if jax.process_index() == 0:
-        lifecycle.mark_complete(out, model=str(model_io.resolve_model_path(dpo_dir)))
-    return out
-
-
 def run_pipeline(cfg, sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The whole chain in cfg.output_dir; `sets` (the command's --set overrides) are applied to each stage
     after its {stage}.overrides, as `jaxalign train` applies them. Raises Preempted when stopped early."""
@@ -231,7 +202,7 @@ def _run_pipeline(cfg, sets: list[str], root: paths.Path, preempt: PreemptionWat
                           curves={"sft": sft_dir / "metrics.jsonl", "dpo": dpo_dir / "metrics.jsonl"},
                           extras={"gate": gate_result, "fingerprint": fingerprint})
     between_stages("the export")
-    exported = export(cfg, dpo_dir, root / "export")
+    exported = export_run(cfg, dpo_dir, root / "export")
     _set_state(root, lifecycle.FINISHED)
     log.info("report: %s; exported DPO model: %s", root / "report" / "report.md", exported)
     return report

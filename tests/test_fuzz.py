@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from jaxalign.config import load_config
+from jaxalign.data.examples import TokenizeSettings, tokenize_preference_example, tokenize_sft_example
 from jaxalign.data.formats import FORMATS, BadRow, normalize_sft_row
 from jaxalign.data.packing import pack_bfd, pack_rows
 from jaxalign.data.preference import normalize_preference_row, preference_to_sft
-from jaxalign.data.tokenize import TokenizeSettings, tokenize_preference_example, tokenize_sft_example
 from jaxalign.errors import JaxalignError
 from jaxalign.models.attention import attention_mask
 

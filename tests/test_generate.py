@@ -4,6 +4,7 @@ filters, EOS and stop strings, sharded == single device, and `run_generate` / th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -17,13 +18,14 @@ import transformers
 from flax import nnx
 
 from jaxalign.checkpoint import model_io
-from jaxalign.data.tokenize import encode_prompt
+from jaxalign.config import load_config
+from jaxalign.data.examples import encode_prompt
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.eval import generate
 from jaxalign.eval.generate import (
+    SamplingParams,
     generate_ids,
-    generate_rows,
     generate_text,
     run_generate,
     sample_tokens,
@@ -40,6 +42,7 @@ FAMILIES = {
 }
 PROMPT_LENGTHS = (5, 12, 1, 30)
 NEW = 10
+GREEDY = SamplingParams(NEW, eos_ids=())  # no EOS: every row runs NEW tokens
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -144,12 +147,12 @@ def test_cache_logits_equal_full_forward(name, family, mesh1):
 def test_greedy_equals_transformers(name, family, mesh1):
     hf, model, _ = family(name)
     prompts = _prompts()
-    ours = generate_ids(model, prompts, max_new_tokens=NEW, eos_ids=[], pad_id=0, mesh=mesh1)
+    ours = generate_ids(model, prompts, GREEDY, mesh=mesh1)
     assert ours == [_hf_greedy(hf, p, None) for p in prompts]
     assert all(len(o) == NEW for o in ours)
     # An EOS that some rows emit mid-way (and others never): each row stops at its own first one.
     eos = ours[0][4]
-    with_eos = generate_ids(model, prompts, max_new_tokens=NEW, eos_ids=[eos], pad_id=0, mesh=mesh1)
+    with_eos = generate_ids(model, prompts, SamplingParams(NEW, eos_ids=[eos]), mesh=mesh1)
     assert with_eos == [_hf_greedy(hf, p, eos) for p in prompts]
     assert with_eos == [o[:o.index(eos)] if eos in o else o for o in ours]
     assert len(with_eos[0]) < 5
@@ -165,7 +168,7 @@ def test_batched_left_padding_matches_transformers_batched(family, mesh1):
     with torch.no_grad():
         want = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[:, width:].tolist()
-    assert generate_ids(model, prompts, max_new_tokens=NEW, eos_ids=[], pad_id=0, mesh=mesh1) == want
+    assert generate_ids(model, prompts, GREEDY, mesh=mesh1) == want
 
 
 # --- sampling --------------------------------------------------------------------------------------
@@ -194,24 +197,26 @@ def test_sampling_filters_on_known_distribution():
 def test_sampling_seeded_and_degenerate_filters_equal_greedy(family, mesh1):
     _, model, _ = family("llama")
     prompts = _prompts()
-    kw = dict(max_new_tokens=NEW, eos_ids=[], pad_id=0, mesh=mesh1)
-    greedy = generate_ids(model, prompts, **kw)
-    hot = generate_ids(model, prompts, temperature=2.0, seed=3, **kw)
-    assert hot == generate_ids(model, prompts, temperature=2.0, seed=3, **kw)
-    assert hot != generate_ids(model, prompts, temperature=2.0, seed=4, **kw)
+    def sample(**kw):
+        return generate_ids(model, prompts, dataclasses.replace(GREEDY, **kw), mesh=mesh1)
+
+    greedy = sample()
+    hot = sample(temperature=2.0, seed=3)
+    assert hot == sample(temperature=2.0, seed=3)
+    assert hot != sample(temperature=2.0, seed=4)
     assert hot != greedy
     assert all(len(r) == NEW and all(0 <= t < SMALL["vocab_size"] for t in r) for r in hot)
-    assert generate_ids(model, prompts, temperature=1.0, top_k=1, seed=5, **kw) == greedy
-    assert generate_ids(model, prompts, temperature=1.0, top_p=1e-6, seed=5, **kw) == greedy
+    assert sample(temperature=1.0, top_k=1, seed=5) == greedy
+    assert sample(temperature=1.0, top_p=1e-6, seed=5) == greedy
 
 
 def test_finished_rows_emit_pad_and_loop_exits_early(family, mesh1):
     _, model, _ = family("llama")
     prompts = _prompts()
-    greedy = generate_ids(model, prompts, max_new_tokens=NEW, eos_ids=[], pad_id=0, mesh=mesh1)
+    greedy = generate_ids(model, prompts, GREEDY, mesh=mesh1)
     eos = sorted({r[2] for r in greedy})  # every row emits an EOS at step 2 at the latest
-    rows = generate_rows(model, prompts, max_new_tokens=NEW, eos_ids=eos, pad_id=7, mesh=mesh1)
-    assert all(ended and len(ids) <= 2 for ids, ended in rows)
+    rows = generate.generate(model, None, prompts, SamplingParams(NEW, eos_ids=eos), pad_id=7, mesh=mesh1)
+    assert all(r.finish_reason == "stop" and r.completion is None and len(r.completion_ids) <= 2 for r in rows)
     batch = {k: np.asarray(v) for k, v in generate.left_pad(prompts, 4, 64, 7).items()}
     batch["row_ids"] = np.arange(4, dtype=np.int32)
     graphdef, state = nnx.split(model)
@@ -221,20 +226,38 @@ def test_finished_rows_emit_pad_and_loop_exits_early(family, mesh1):
                                       top_k=0, use_top_p=False)
     out = np.asarray(out)
     assert int(steps) <= 3  # stopped once every row was done, not after NEW steps
-    for row, (ids, _) in zip(out, rows):
-        n = len(ids)
+    for row, r in zip(out, rows):
+        ids, n = r.completion_ids, len(r.completion_ids)
         assert row[:n].tolist() == ids and row[n] in eos and (row[n + 1:] == 7).all()
 
 
 def test_arguments_are_checked(family):
     _, model, _ = family("llama")
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2)):
-        with pytest.raises(JaxalignError):
-            generate_ids(model, [[5]], **{"max_new_tokens": 2, "eos_ids": [2], "pad_id": 0, **bad})
+    for bad, message in ((dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+                         (dict(temperature=-1.0), r"temperature must be >= 0 \(0 is greedy\)"),
+                         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_k=-2), "top_k must be >= 0")):
+        with pytest.raises(JaxalignError, match=message):
+            SamplingParams(**{"max_new_tokens": 2, **bad})
+        with pytest.raises(JaxalignError, match=message):  # a replaced value is checked again
+            dataclasses.replace(SamplingParams(2), **bad)
+    params = SamplingParams(2, eos_ids=[2])
     with pytest.raises(JaxalignError, match="empty"):
-        generate_ids(model, [[5], []], max_new_tokens=2, eos_ids=[2], pad_id=0)
+        generate_ids(model, [[5], []], params)
     with pytest.raises(JaxalignError, match="out of range"):
-        generate_ids(model, [[5, 999]], max_new_tokens=2, eos_ids=[2], pad_id=0)
+        generate_ids(model, [[5, 999]], params)
+    with pytest.raises(JaxalignError, match="need a tokenizer"):
+        generate_ids(model, [[5]], SamplingParams(2, stop=["x"]))
+
+
+def test_sampling_params_from_config():
+    params = SamplingParams.from_config(load_config(None))
+    assert params == SamplingParams(128)  # the generate: section's defaults
+    cfg = load_config(None, ["generate.temperature=0.7", "generate.top_k=50", "generate.stop=[a, b]"])
+    params = SamplingParams.from_config(cfg, seed=3)
+    assert params == SamplingParams(128, temperature=0.7, top_k=50, seed=3, stop=("a", "b"))
+    assert isinstance(params.stop, tuple) and hash(params) == hash(SamplingParams(128, 0.7, 50, 1.0, 3, ["a", "b"]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.seed = 4
 
 
 # --- sharding --------------------------------------------------------------------------------------
@@ -244,11 +267,11 @@ def test_sharded_8_devices_equals_1_device(family, mesh1, mesh8):
     with use_mesh(mesh8):
         model8 = model_io.load_model(path, mesh8)
     prompts = _prompts()
-    kw = dict(max_new_tokens=NEW, eos_ids=[], pad_id=0, batch_size=3)
-    want = generate_ids(model1, prompts, mesh=mesh1, **kw)
-    assert generate_ids(model8, prompts, mesh=mesh8, **kw) == want
-    sampled = dict(kw, temperature=1.5, top_k=20, top_p=0.9, seed=1)
-    assert generate_ids(model8, prompts, mesh=mesh8, **sampled) == generate_ids(model1, prompts, mesh=mesh1, **sampled)
+    want = generate_ids(model1, prompts, GREEDY, mesh=mesh1, batch_size=3)
+    assert generate_ids(model8, prompts, GREEDY, mesh=mesh8, batch_size=3) == want
+    sampled = dataclasses.replace(GREEDY, temperature=1.5, top_k=20, top_p=0.9, seed=1)
+    assert (generate_ids(model8, prompts, sampled, mesh=mesh8, batch_size=3)
+            == generate_ids(model1, prompts, sampled, mesh=mesh1, batch_size=3))
 
 
 # --- text, files, CLI --------------------------------------------------------------------------------
@@ -301,17 +324,18 @@ def test_run_generate_end_to_end_via_cli(sp_model_dir, mesh8, tmp_path, capsys):
     assert ids[0][0] == tok.bos_id and tok.decode(ids[2]).endswith("Name a colour.\n\nAssistant:")
     with use_mesh(mesh8):
         model = model_io.load_model(sp_model_dir, mesh8)
-    want = generate_ids(model, ids, max_new_tokens=6, eos_ids=[2], pad_id=tok.pad_id, mesh=mesh8, batch_size=2)
+    want = generate_ids(model, ids, SamplingParams(6, eos_ids=[2]), pad_id=tok.pad_id, mesh=mesh8, batch_size=2)
     assert [g["completion_ids"] for g in got] == want
     assert [g["completion"] for g in got] == [tok.decode(w) for w in want]
-    texts = generate_text(model, tok, prompts, max_new_tokens=6, mesh=mesh8, batch_size=2)
+    texts = generate_text(model, tok, prompts, SamplingParams(6), mesh=mesh8, batch_size=2)
     assert texts == [g["completion"] for g in got]
     assert all(g["finish_reason"] == ("stop" if len(g["completion_ids"]) < 6 else "length") for g in got)
 
     # Stop strings cut the decoded text (not the ids); an explicit .model tokenizer works the same.
     stop = got[0]["completion"][2:4]
-    n = run_generate(str(sp_model_dir), str(data), str(out), batch_size=2, max_new_tokens=6, temperature=0.0,
-                     top_k=0, top_p=1.0, stop=[stop], seed=0, tokenizer_path=str(sp_model_dir / "tokenizer.model"))
+    params = SamplingParams(6, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=[stop])
+    n = run_generate(str(sp_model_dir), str(data), str(out), params, batch_size=2,
+                     tokenizer_path=str(sp_model_dir / "tokenizer.model"))
     cut = [json.loads(line) for line in out.read_text().splitlines()]
     assert n == 3 and cut[0]["completion"] == got[0]["completion"][:got[0]["completion"].index(stop)]
     assert cut[0]["finish_reason"] == "stop" and cut[0]["completion_ids"] == got[0]["completion_ids"]
@@ -320,10 +344,10 @@ def test_run_generate_end_to_end_via_cli(sp_model_dir, mesh8, tmp_path, capsys):
 def test_run_generate_errors_name_the_row(sp_model_dir, tmp_path):
     data = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}])
     with pytest.raises(JaxalignError, match=rf"{data}:2: expected a 'prompt'"):
-        run_generate(str(sp_model_dir), str(data), str(tmp_path / "o.jsonl"), batch_size=1, max_new_tokens=2)
+        run_generate(str(sp_model_dir), str(data), str(tmp_path / "o.jsonl"), SamplingParams(2), batch_size=1)
     data = _write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
     with pytest.raises(JaxalignError, match=rf"{data}:1: messages\[0\].role"):
-        run_generate(str(sp_model_dir), str(data), str(tmp_path / "o.jsonl"), batch_size=1, max_new_tokens=2)
+        run_generate(str(sp_model_dir), str(data), str(tmp_path / "o.jsonl"), SamplingParams(2), batch_size=1)
 
 
 def test_cli_help(capsys):

@@ -37,7 +37,7 @@ from run_faults import logged_steps
 from jaxalign import cli
 from jaxalign.checkpoint import model_io
 from jaxalign.config import load_config
-from jaxalign.data.tokenize import encode_prompt
+from jaxalign.data.examples import encode_prompt
 from jaxalign.eval.tasks import demo
 from jaxalign.eval.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
 from jaxalign.pipeline import SFTGateError, run_pipeline
@@ -283,7 +283,7 @@ def test_export_loads_in_transformers_and_matches_jaxalign_generate(passed_run, 
     import transformers
 
     from jaxalign.data.tokenizer import load_tokenizer
-    from jaxalign.eval.generate import generate_text
+    from jaxalign.eval.generate import SamplingParams, generate_text
     from jaxalign.run.build import model_options
     from jaxalign.runtime.sharding import make_mesh, merged_rules, use_mesh
 
@@ -305,7 +305,7 @@ def test_export_loads_in_transformers_and_matches_jaxalign_generate(passed_run, 
     mesh, rules = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}), merged_rules(dict(cfg.mesh.rules))
     with use_mesh(mesh, rules):
         model = model_io.load_model(root / "dpo", mesh, rules, **model_options(cfg))
-        expected = generate_text(model, tok, prompts, max_new_tokens=cfg.eval.max_new_tokens, mesh=mesh,
+        expected = generate_text(model, tok, prompts, SamplingParams(cfg.eval.max_new_tokens), mesh=mesh,
                                  batch_size=cfg.eval.batch_size)
     assert expected == [r["completion"] for r in _jsonl(root / "report" / "generations_dpo.jsonl")]
 

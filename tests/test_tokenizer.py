@@ -1,4 +1,4 @@
-"""Tokenizer backends, chat templates and assistant spans (jaxalign.data.tokenizer, jaxalign.data.chat_templates)."""
+"""Tokenizer backends, chat templates and assistant spans (jaxalign.data.tokenizer and its backends, chat_templates)."""
 
 import gzip
 import json
@@ -7,7 +7,9 @@ import shutil
 import pytest
 
 from jaxalign.data.chat_templates import BUILTIN_TEMPLATES, render_conversation
-from jaxalign.data.tokenizer import HFTokenizer, SentencePieceTokenizer, char_spans_to_token_mask, load_tokenizer
+from jaxalign.data.hf_tokenizer import HFTokenizer
+from jaxalign.data.sentencepiece_tokenizer import SentencePieceTokenizer
+from jaxalign.data.tokenizer import char_spans_to_token_mask, load_tokenizer
 from jaxalign.errors import JaxalignError
 
 # Ordinary text: first word, leading spaces/newlines, whitespace runs, unicode, HH style.

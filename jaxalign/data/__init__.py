@@ -6,6 +6,7 @@
                                        cache_dir=resolve_cache_dir(cfg))
 """
 
+from jaxalign.data.examples import TokenizeSettings, tokenize_preference_example, tokenize_sft_example
 from jaxalign.data.formats import (
     FORMATS,
     BadRow,
@@ -18,15 +19,7 @@ from jaxalign.data.formats import (
 )
 from jaxalign.data.preference import Preference, normalize_preference_row, preference_to_sft, split_hh
 from jaxalign.data.sources import load_rows, split_train_eval
-from jaxalign.data.tokenize import (
-    DataStats,
-    TokenizeSettings,
-    resolve_cache_dir,
-    tokenize_dataset,
-    tokenize_preference_example,
-    tokenize_sft_example,
-    tokenizer_fingerprint,
-)
+from jaxalign.data.tokenize import DataStats, resolve_cache_dir, tokenize_dataset, tokenizer_fingerprint
 
 __all__ = [
     "FORMATS", "BadRow", "Conversation", "PromptCompletion", "Text", "detect_format", "normalize_sft_row",

@@ -19,11 +19,12 @@ from flax import nnx
 
 from jaxalign.checkpoint import model_io
 from jaxalign.config import stage_config
+from jaxalign.data.examples import encode_prompt
 from jaxalign.data.pipeline import load_examples
 from jaxalign.data.sources import load_rows
-from jaxalign.data.tokenize import encode_prompt, resolve_cache_dir, tokenize_dataset
+from jaxalign.data.tokenize import resolve_cache_dir, tokenize_dataset
 from jaxalign.errors import JaxalignError
-from jaxalign.eval.generate import generate_text
+from jaxalign.eval.generate import SamplingParams, generate_text
 from jaxalign.eval.report import build_report, write_report
 from jaxalign.eval.score import read_jsonl, score_rows
 from jaxalign.run.build import mesh_from_config, model_options, objective_from_config, run_tokenizer
@@ -80,6 +81,8 @@ class Evaluator:
         self.held_out = load_held_out(cfg, self.tokenizer)
         self.task = _task(cfg.eval.task)
         self.pad_id = self.tokenizer.pad_id or 0
+        # Greedy, so every stage is compared on deterministic outputs; only the stop strings come from `generate:`.
+        self.sampling = SamplingParams(cfg.eval.max_new_tokens, stop=cfg.generate.stop)
 
     def load(self, path: str):
         with use_mesh(self.mesh, self.rules):
@@ -111,8 +114,7 @@ class Evaluator:
             return []
         prompts = [row["prompt"] for row in self.held_out.prompts]
         with use_mesh(self.mesh, self.rules):
-            return generate_text(model, self.tokenizer, prompts, max_new_tokens=self.cfg.eval.max_new_tokens,
-                                 stop=tuple(self.cfg.generate.stop), mesh=self.mesh,
+            return generate_text(model, self.tokenizer, prompts, self.sampling, mesh=self.mesh,
                                  batch_size=self.cfg.eval.batch_size)
 
     def task_metrics(self, completions: Sequence[str]) -> dict[str, float]:

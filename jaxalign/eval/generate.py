@@ -1,6 +1,8 @@
 """`jaxalign generate`: batched, jit-compiled sampling from a model over its KV cache.
 
-How one batch is decoded (`generate_ids`):
+Every caller goes through `generate` with one `SamplingParams`; `generate_ids`/`generate_text` are views.
+
+How one batch is decoded:
 - Prompts are left-padded to a common length rounded up to a multiple of 64, so every row's next
   token is written at the same cache index. Padding has segment id 0 (never attended to) and each
   row's real tokens have positions 0, 1, ...; rows per batch are fixed (rounded up to the mesh's
@@ -17,9 +19,9 @@ How one batch is decoded (`generate_ids`):
 
 Stop strings (`stop`) are applied to the decoded text after generation: the completion is cut
 before the first occurrence of any of them. They do not end decoding early, and `completion_ids`
-in `run_generate`'s output stay the ids of the whole generation (up to EOS).
+stay the ids of the whole generation (up to EOS).
 
-Prompts are tokenized exactly as training tokenizes them (`jaxalign.data.tokenize.encode_prompt`):
+Prompts are tokenized exactly as training tokenizes them (`jaxalign.data.examples.encode_prompt`):
 message lists through the chat template with its generation prompt, plain strings with BOS.
 """
 
@@ -27,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +53,50 @@ PAD_TO_MULTIPLE_OF = 64
 
 
 # ----------------------------------------------------------------------------- sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """What to sample and when to stop; checked when built.
+
+    temperature 0 is greedy (top_k / top_p ignored); top_k 0 and top_p 1 disable those filters.
+    stop: strings the decoded completion is cut before (text prompts only). eos_ids: ids that end a
+    row; None means the model config's eos ids plus the tokenizer's EOS, () means none.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    eos_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # Lists from flags or YAML become tuples, so the value stays immutable and hashable.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.eos_ids is not None:
+            object.__setattr__(self, "eos_ids", tuple(int(t) for t in self.eos_ids))
+        if self.max_new_tokens < 1:
+            raise JaxalignError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise JaxalignError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise JaxalignError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise JaxalignError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_config(cls, cfg, **overrides: Any) -> SamplingParams:
+        """From a run config's `generate:` section; `overrides` win (the section has no seed: pass one here)."""
+        g = cfg["generate"]
+        fields = dict(max_new_tokens=int(g["max_new_tokens"]), temperature=float(g["temperature"]),
+                      top_k=int(g["top_k"]), top_p=float(g["top_p"]), stop=tuple(g["stop"]))
+        return cls(**{**fields, **overrides})
 
 
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
@@ -136,16 +183,68 @@ def _put(array: np.ndarray, mesh: Mesh | None) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-# ----------------------------------------------------------------------------- ids in, ids out
+# ----------------------------------------------------------------------------- the entry point
 
 
-def generate_rows(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-                  top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int], pad_id: int, seed: int = 0,
-                  mesh: Mesh | None = None, batch_size: int = 0,
-                  pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> list[tuple[list[int], bool]]:
-    """(new token ids without EOS, whether the row ended at an EOS) per prompt; see `generate_ids`."""
+class Completion(NamedTuple):
+    """One prompt's result; the field names are the `jaxalign generate` output columns."""
+
+    completion: str | None  # decoded (special tokens skipped), cut before a stop string; None for id prompts
+    completion_ids: list[int]  # the new token ids, EOS excluded, not cut at stop strings
+    finish_reason: str  # "stop" (an EOS id or a stop string) or "length" (max_new_tokens reached)
+
+
+def default_eos_ids(model, tokenizer=None) -> list[int]:
+    """The model config's eos ids and the tokenizer's EOS (when there is a tokenizer)."""
+    return sorted(set(model.cfg.eos_token_ids) | ({tokenizer.eos_id} if tokenizer is not None else set()))
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` cut before the earliest occurrence of any stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate(model, tokenizer, prompts: Sequence, params: SamplingParams, *, mesh: Mesh | None = None,
+             batch_size: int = 0, pad_id: int | None = None) -> list[Completion]:
+    """A `Completion` per prompt, in input order. tokenizer: prompts are strings or {role, content}
+    message lists, tokenized as in training, and completions are decoded; None: prompts are token id
+    lists and `completion` is None. batch_size: rows decoded together (0: all). mesh: shard each batch
+    over the mesh's data axes (the model's params should live on it); None runs without a mesh context.
+    pad_id: default the tokenizer's, else 0 (padding is never attended to)."""
+    if tokenizer is None and params.stop:
+        raise JaxalignError("stop strings cut the decoded text, so they need a tokenizer (id prompts are not decoded)")
+    if tokenizer is not None:
+        from jaxalign.data.examples import encode_prompt
+
+        prompts = [encode_prompt(tokenizer, p) for p in prompts]
+    pad_id = pad_id if pad_id is not None else tokenizer.pad_id if tokenizer is not None else 0
+    eos_ids = default_eos_ids(model, tokenizer) if params.eos_ids is None else params.eos_ids
+    out = []
+    for ids, ended in _decode_all(model, prompts, params, eos_ids, pad_id, mesh, batch_size):
+        text, stopped = (None, False) if tokenizer is None else truncate_at_stop(
+            tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+        out.append(Completion(text, ids, "stop" if ended or stopped else "length"))
+    return out
+
+
+def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *, mesh: Mesh | None = None,
+                 batch_size: int = 0, pad_id: int = 0) -> list[list[int]]:
+    """The new token ids of each token id prompt: `generate` without a tokenizer."""
+    return [c.completion_ids for c in generate(model, None, prompts, params, mesh=mesh, batch_size=batch_size,
+                                               pad_id=pad_id)]
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str | list[dict[str, Any]]], params: SamplingParams, *,
+                  mesh: Mesh | None = None, batch_size: int = 0) -> list[str]:
+    """The completion text of each string or message-list prompt: `generate`'s `completion`s."""
+    return [c.completion for c in generate(model, tokenizer, prompts, params, mesh=mesh, batch_size=batch_size)]
+
+
+def _decode_all(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_ids: Sequence[int],
+                pad_id: int, mesh: Mesh | None, batch_size: int) -> list[tuple[list[int], bool]]:
+    """(new token ids without EOS, whether the row ended at an EOS) per token id prompt."""
     vocab = model.cfg.vocab_size
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
     for i, ids in enumerate(prompts):
         if len(ids) == 0:
             raise JaxalignError(f"prompt {i} is empty; a prompt needs at least one token (e.g. BOS)")
@@ -158,11 +257,12 @@ def generate_rows(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     pad_id = pad_id if 0 <= pad_id < vocab else 0
     data_parallel = data_parallel_size(mesh) if mesh is not None else 1
     rows = round_up(batch_size if batch_size > 0 else len(prompts), data_parallel)
-    greedy = temperature == 0.0
-    static = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=0 if greedy else int(top_k),
-                  use_top_p=not greedy and top_p < 1.0)
-    scalars = [jnp.uint32(seed % 2**32), jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
-               jnp.asarray(eos, jnp.int32), jnp.int32(pad_id)]
+    greedy, max_new_tokens = params.greedy, params.max_new_tokens
+    # Compile-time settings; greedy ignores the filters, so they are zeroed and add no compiles.
+    static = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=0 if greedy else int(params.top_k),
+                  use_top_p=not greedy and params.top_p < 1.0)
+    scalars = [jnp.uint32(params.seed % 2**32), jnp.float32(params.temperature if not greedy else 1.0),
+               jnp.float32(params.top_p), jnp.asarray(eos, jnp.int32), jnp.int32(pad_id)]
     graphdef, state = nnx.split(model)
     results: list[tuple[list[int], bool] | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
@@ -170,7 +270,7 @@ def generate_rows(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     with context:
         for start in range(0, len(order), rows):
             idx = order[start:start + rows]
-            length = round_up(max(len(prompts[i]) for i in idx), pad_to_multiple_of)
+            length = round_up(max(len(prompts[i]) for i in idx), PAD_TO_MULTIPLE_OF)
             if length + max_new_tokens > model.cfg.max_position_embeddings:
                 log.warning("prompt (padded to %d tokens) + max_new_tokens %d exceeds the model's "
                             "max_position_embeddings %d", length, max_new_tokens, model.cfg.max_position_embeddings)
@@ -184,81 +284,6 @@ def generate_rows(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                 stops = [k for k, t in enumerate(row) if t in eos]
                 results[i] = (row[:stops[0]], True) if stops else (row, False)
     return results  # type: ignore[return-value]
-
-
-def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int], pad_id: int, seed: int = 0,
-                 mesh: Mesh | None = None, batch_size: int = 0) -> list[list[int]]:
-    """The new token ids of each prompt, the EOS that ended it excluded (see the module doc).
-
-    prompts: token id lists of any lengths. temperature 0 is greedy; top_k 0 and top_p 1 disable
-    those filters. eos_ids: ids that end a row. batch_size: rows decoded together (0: all).
-    mesh: shard each batch over the mesh's data axes (the model's params should live on it);
-    None runs without a mesh context.
-    """
-    return [ids for ids, _ in generate_rows(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                            top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, seed=seed,
-                                            mesh=mesh, batch_size=batch_size)]
-
-
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise JaxalignError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise JaxalignError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k < 0:
-        raise JaxalignError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise JaxalignError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
-
-
-# ----------------------------------------------------------------------------- text in, text out
-
-
-def default_eos_ids(model, tokenizer) -> list[int]:
-    """The model config's eos ids and the tokenizer's EOS."""
-    return sorted(set(model.cfg.eos_token_ids) | {tokenizer.eos_id})
-
-
-def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` cut before the earliest occurrence of any stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def complete(model, tokenizer, prompts: Sequence[str | list[dict[str, Any]]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
-             mesh: Mesh | None = None, batch_size: int = 0, eos_ids: Sequence[int] | None = None,
-             ) -> list[dict[str, Any]]:
-    """{"completion", "completion_ids", "finish_reason"} per prompt; see `generate_text`.
-
-    finish_reason: "stop" (an EOS id or a stop string) or "length" (max_new_tokens reached)."""
-    from jaxalign.data.tokenize import encode_prompt
-
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    rows = generate_rows(model, encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, eos_ids=default_eos_ids(model, tokenizer) if eos_ids is None else eos_ids,
-                         pad_id=tokenizer.pad_id, seed=seed, mesh=mesh, batch_size=batch_size)
-    out = []
-    for ids, ended in rows:
-        text, stopped = truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
-        reason = "stop" if ended or stopped else "length"
-        out.append({"completion": text, "completion_ids": ids, "finish_reason": reason})
-    return out
-
-
-def generate_text(model, tokenizer, prompts: Sequence[str | list[dict[str, Any]]], *, max_new_tokens: int,
-                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (),
-                  seed: int = 0, mesh: Mesh | None = None, batch_size: int = 0,
-                  eos_ids: Sequence[int] | None = None) -> list[str]:
-    """The completion text of each prompt (a string, or a {role, content} message list).
-
-    Prompts are tokenized as in training (`encode_prompt`); generation ends at an EOS id (default:
-    `default_eos_ids`); the decoded text (special tokens skipped) is cut before the first stop string.
-    """
-    return [r["completion"] for r in complete(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop=stop, seed=seed, mesh=mesh, batch_size=batch_size, eos_ids=eos_ids)]
 
 
 # ----------------------------------------------------------------------------- files and CLI
@@ -287,18 +312,16 @@ def row_prompt(row: dict[str, Any], where: str) -> str | list[dict[str, str]]:
                         f"the row has {sorted(row)}")
 
 
-def run_generate(model_path: str, prompts_path: str, out_path: str, *, batch_size: int = 8,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 stop: Sequence[str] = (), seed: int = 0, tokenizer_path: str = "", chat_template: str = "",
-                 dtype: str = "float32", mesh_sizes: dict | None = None) -> int:
+def run_generate(model_path: str, prompts_path: str, out_path: str, params: SamplingParams, *, batch_size: int = 8,
+                 tokenizer_path: str = "", chat_template: str = "", dtype: str = "float32",
+                 mesh_sizes: dict | None = None) -> int:
     """The `jaxalign generate` command: each input row plus `completion`, `completion_ids` and
     `finish_reason`, in input order, written to `out_path`. Returns the number of rows."""
     from jaxalign.checkpoint import model_io
-    from jaxalign.data.tokenize import encode_prompt
+    from jaxalign.data.examples import encode_prompt
     from jaxalign.data.tokenizer import load_tokenizer
     from jaxalign.eval.score import read_jsonl
 
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if batch_size < 1:
         raise JaxalignError(f"batch_size must be at least 1, got {batch_size}")
     # Everything cheap (paths, rows, tokenization) is checked before the model is loaded.
@@ -327,22 +350,21 @@ def run_generate(model_path: str, prompts_path: str, out_path: str, *, batch_siz
     mesh = make_mesh(mesh_sizes or {"data": 1, "fsdp": -1, "tensor": 1})
     with use_mesh(mesh):
         model = model_io.load_model(model_dir, mesh, dtype=dtype)
-    results = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, stop=stop, seed=seed, mesh=mesh, batch_size=batch_size)
+    results = generate(model, tokenizer, prompts, params, mesh=mesh, batch_size=batch_size)
     if jax.process_index() == 0:
         out = as_path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
             for (_, row), result in zip(inputs, results):
-                f.write(json.dumps({**row, **result}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({**row, **result._asdict()}, ensure_ascii=False) + "\n")
     return len(inputs)
 
 
 def _generate_command(args: argparse.Namespace) -> int:
-    n = run_generate(args.model, args.prompts, args.out, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, stop=args.stop, seed=args.seed, tokenizer_path=args.tokenizer,
-                     chat_template=args.chat_template, dtype=args.dtype)
+    params = SamplingParams(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, stop=args.stop)
+    n = run_generate(args.model, args.prompts, args.out, params, batch_size=args.batch_size,
+                     tokenizer_path=args.tokenizer, chat_template=args.chat_template, dtype=args.dtype)
     print(f"generated {n} completions -> {args.out}")
     return 0
 

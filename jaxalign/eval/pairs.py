@@ -20,7 +20,7 @@ from typing import Any
 import jax
 
 from jaxalign.errors import JaxalignError
-from jaxalign.eval.generate import complete
+from jaxalign.eval.generate import SamplingParams, generate
 from jaxalign.eval.score import read_jsonl
 from jaxalign.runtime.paths import as_path
 from jaxalign.runtime.sharding import make_mesh, use_mesh
@@ -69,14 +69,14 @@ def task_judge(name: str) -> Judge:
     return task.judge_pair
 
 
-def run_pairs(model_path: str, prompts_path: str, out_path: str, *, judge: str, num_samples: int = 4,
-              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-              batch_size: int = 32, tokenizer_path: str = "", chat_template: str = "") -> dict[str, int]:
+def run_pairs(model_path: str, prompts_path: str, out_path: str, params: SamplingParams, *, judge: str,
+              num_samples: int = 4, batch_size: int = 32, tokenizer_path: str = "",
+              chat_template: str = "") -> dict[str, int]:
     """Write pairs.jsonl; returns counts {"prompts", "pairs", "skipped_all_tied"}."""
     # Imported here, not at the top: model_io imports Orbax, whose absl logging installs a root handler
     # on import, and `jaxalign` (cli.main) builds its parser before it configures logging.
     from jaxalign.checkpoint import model_io
-    from jaxalign.data.tokenize import encode_prompt
+    from jaxalign.data.examples import encode_prompt
     from jaxalign.data.tokenizer import load_tokenizer
 
     if num_samples < 2:
@@ -93,10 +93,9 @@ def run_pairs(model_path: str, prompts_path: str, out_path: str, *, judge: str, 
         # Each prompt repeated num_samples times: sampling keys depend on the position in the list,
         # so the copies draw different samples.
         prompts = [row["prompt"] for row in rows for _ in range(num_samples)]
-        results = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, seed=seed, mesh=mesh, batch_size=batch_size)
+        results = generate(model, tokenizer, prompts, params, mesh=mesh, batch_size=batch_size)
     prompt_ids = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
-    samples = [completion_text(tokenizer, prompts[k], prompt_ids[k // num_samples], r["completion_ids"])
+    samples = [completion_text(tokenizer, prompts[k], prompt_ids[k // num_samples], r.completion_ids)
                for k, r in enumerate(results)]
     counts = {"prompts": len(rows), "pairs": 0, "skipped_all_tied": 0}
     out_rows: list[dict[str, Any]] = []
@@ -134,9 +133,9 @@ def add_cli(sub, commands: dict) -> None:
     p.add_argument("--chat-template", default="", help="chat template override (llama2, llama3, chatml, plain)")
 
     def run(args) -> int:
-        counts = run_pairs(args.model, args.prompts, args.out, judge=args.judge, num_samples=args.num_samples,
-                           temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                           seed=args.seed, batch_size=args.batch_size, tokenizer_path=args.tokenizer,
+        params = SamplingParams(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        counts = run_pairs(args.model, args.prompts, args.out, params, judge=args.judge, num_samples=args.num_samples,
+                           batch_size=args.batch_size, tokenizer_path=args.tokenizer,
                            chat_template=args.chat_template)
         print(f"{counts['pairs']} pairs from {counts['prompts']} prompts ({counts['skipped_all_tied']} skipped: all "
               f"candidates tied) -> {args.out}")

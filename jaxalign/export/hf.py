@@ -1,5 +1,5 @@
 """A model as a Hugging Face directory: safetensors shards, config.json, generation_config.json and the
-tokenizer. Streams: one HF tensor at a time is gathered to process 0's host and appended to the open
+tokenizer (`save_hf`), and the pipeline's export stage (`export_run`). Streams: one HF tensor at a time is gathered to process 0's host and appended to the open
 file, so the host never holds the whole model; the tensor layout comes from `models/params.py`.
 """
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import struct
 from collections.abc import Mapping
@@ -19,11 +20,17 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxalign.checkpoint import model_io
 from jaxalign.errors import JaxalignError
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.hf import _ST_CODES, INDEX_FILE, SINGLE_FILE, dir_listing
 from jaxalign.models.params import Param, param_shapes, params_of
+from jaxalign.run import lifecycle
+from jaxalign.run.build import mesh_from_config, run_tokenizer
 from jaxalign.runtime import paths
+from jaxalign.runtime.sharding import use_mesh
+
+log = logging.getLogger(__name__)
 
 
 def _pure_params(state_or_model: Any) -> dict[str, Any]:
@@ -177,3 +184,32 @@ def save_hf(state_or_model: Any, cfg: ModelConfig, out_dir: paths.PathLike, toke
     if jax.process_count() > 1:  # nobody reads the directory before process 0 has finished it
         multihost_utils.sync_global_devices("jaxalign.export.hf.save_hf")
     return written
+
+
+def export_config(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
+    """The model config to export: its EOS ids joined with the tokenizer's EOS (the ids `jaxalign generate`
+    stops at), and the tokenizer's BOS when the model names none, so transformers' `generate` stops where
+    jaxalign's does."""
+    eos = sorted(set(model_cfg.eos_token_ids) | {tokenizer.eos_id})
+    return dataclasses.replace(
+        model_cfg, eos_token_id=eos[0] if len(eos) == 1 else tuple(eos),
+        bos_token_id=tokenizer.bos_id if model_cfg.bos_token_id is None else model_cfg.bos_token_id)
+
+
+def export_run(cfg, dpo_dir: paths.Path, out: paths.Path) -> paths.Path:
+    """The pipeline's export stage: a run's best model in HF format at `out`, complete only with its
+    COMPLETE marker (a partial one is redone)."""
+    if lifecycle.is_complete(out):
+        log.info("export: %s exists, skipped", out)
+        return out
+    if jax.process_index() == 0:
+        lifecycle.clear_incomplete(out, "the export")
+    mesh, rules = mesh_from_config(cfg)
+    tokenizer = run_tokenizer(cfg)
+    with use_mesh(mesh, rules):
+        model = model_io.load_model(dpo_dir, mesh, rules)
+        save_hf(model, export_config(model.cfg, tokenizer), out, tokenizer=tokenizer,
+                dtype=model_io.source_dtype(dpo_dir))
+    if jax.process_index() == 0:
+        lifecycle.mark_complete(out, model=str(model_io.resolve_model_path(dpo_dir)))
+    return out

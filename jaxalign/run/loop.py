@@ -26,6 +26,7 @@ from jaxalign.config import save_config
 from jaxalign.data.iterator import make_iterator
 from jaxalign.data.prefetch import Position, Prefetcher
 from jaxalign.errors import JaxalignError
+from jaxalign.models.flops import train_step_flops
 from jaxalign.run import lifecycle
 from jaxalign.run.build import (
     build_model_and_tokenizer,
@@ -76,6 +77,7 @@ class Trainer(RunCheckpoints):
         self.stage = cfg.stage
         self.weight_key = weight_key(self.stage)
         model_cfg, self.tokenizer = checked
+        self.model_cfg = model_cfg
         self.pad_id = self.tokenizer.pad_id or 0
         manifest = agree("loading the data", lambda: self._load_data(model_cfg),
                          lambda m: {"data fingerprint": m["data"], "total steps": str(m["total_steps"])})
@@ -232,7 +234,9 @@ class Trainer(RunCheckpoints):
                 if step < end:
                     feed.prefetch()  # host work for the next step while the device runs this one
                 self.trained_position = position = drawn.position
-                pending.append(metrics)
+                rows, length = batch["tokens"].shape  # model FLOPs of the padded batch, as plan and MFU count them
+                pending.append({**metrics, "model_flops": train_step_flops(
+                    self.model_cfg, rows, length, live_reference=self.ref_params is not None)["total"]})
                 kind = int(metrics["nonfinite"])
                 streak = streak + 1 if kind else 0
                 if kind:
@@ -331,9 +335,11 @@ class Trainer(RunCheckpoints):
 
     def log_train(self, step: int, pending: list[dict], seconds: float, nonfinite: int) -> dict:
         records = jax.device_get(pending)
+        flops = sum(r.pop("model_flops") for r in records)
         tokens = sum(int(r["num_input_tokens"]) for r in records)  # the global batches', all processes
         record = {"step": step, **mean_over(records, self.weight_key), "epoch": self.trained_position.epoch if self.trained_position else self.train_iter.epoch,
-                  "tokens": tokens, "tokens_per_sec": tokens / max(seconds, 1e-9), "nonfinite_steps": nonfinite}
+                  "tokens": tokens, "tokens_per_sec": tokens / max(seconds, 1e-9), "model_flops_per_sec": flops / max(seconds, 1e-9),
+                  "nonfinite_steps": nonfinite}
         record["grad_norm"] = float(np.mean([float(r["grad_norm"]) for r in records if math.isfinite(r["grad_norm"])]
                                             or [math.nan]))
         record["lr"] = float(records[-1]["lr"])
