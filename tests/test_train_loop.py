@@ -88,6 +88,22 @@ def test_sft_eval_loss_falls_and_metrics_are_logged(sft_run):
     assert (run / "config.yaml").is_file() and (run / "model" / model_io.MODEL_FILE).is_file()
 
 
+def test_logged_model_flops_follow_the_hand_count(sft_run):
+    """model_flops_per_sec / tokens_per_sec share one interval, so their ratio times the logged tokens is the
+    step's model FLOPs: 6·N·tokens + 12·L·H·D·T²·B/2 of the padded batch (8 rows of 64 or 128 tokens)."""
+    run, _ = sft_run
+    train, _ = read_metrics(run)
+    e, m, layers, heads, kv, d, vocab = 32, 64, 2, 4, 2, 8, 32000
+    n = layers * (2 * e * heads * d + 2 * e * kv * d + 3 * e * m) + e * vocab  # the tied embedding is the head
+
+    def hand(rows, length):
+        return 6 * n * rows * length + 12 * layers * heads * d * length * length * rows / 2
+
+    for step, record in train.items():
+        flops = record["model_flops_per_sec"] / record["tokens_per_sec"] * record["tokens"]
+        assert any(flops == pytest.approx(hand(8, t), rel=1e-9) for t in (64, 128)), (step, flops)
+
+
 def test_checkpoint_retention_and_best(sft_run):
     """keep=2 newest plus the best by eval loss; best.json names it; a run dir resolves to it."""
     run, summary = sft_run

@@ -352,7 +352,7 @@ def add_cli(subparsers: argparse._SubParsersAction, commands: dict[str, Callable
                     "accelerator on a mesh of the asked size (compile it when it fits on this machine's devices), "
                     "and print per-device memory (parameters, optimizer state, activations, peak), FLOPs per "
                     "step, the predicted step time at an MFU, whether it fits in HBM, and what would make it fit. "
-                    "The formulas are in jaxalign/plan.py.",
+                    "The formulas are in jaxalign/plan/__init__.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="accelerators (per device):\n" + "\n".join(f"  {a.name:5} {a.note}" for a in ACCELERATORS.values()))
     p.add_argument("--config", required=True, help="the run's YAML config")
