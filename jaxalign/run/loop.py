@@ -23,7 +23,7 @@ from tqdm import tqdm
 from jaxalign.checkpoint import model_io
 from jaxalign.checkpoint.store import RunCheckpointer
 from jaxalign.config import save_config
-from jaxalign.data.iterator import make_iterator
+from jaxalign.data.iterator import make_iterator, to_global_arrays
 from jaxalign.data.prefetch import Position, Prefetcher
 from jaxalign.errors import JaxalignError
 from jaxalign.models.flops import train_step_flops
@@ -167,24 +167,26 @@ class Trainer(RunCheckpoints):
         return "eval/loss"
 
     def precompute_reference(self, params) -> None:
-        """`dpo.reference: precomputed`: score every pair once with the starting weights and keep
-        the log-probs with the data, so no second model is held during training."""
-        from jaxalign.data.batching import dpo_batch
-
+        """`dpo.reference: precomputed`: score every pair once with the starting weights, through the eval
+        iterator (the batches evaluation builds), and keep the log-probs with the data, so no second
+        model is held during training. The examples are copied, not changed; the train iterator is
+        rebuilt over the copies."""
         # Replicated output: every process reads all log-probs (multi-host: no non-addressable shards).
         fn = jax.jit(lambda p, b: reference_logps(nnx.merge(self.graphdef, p), b, self.objective.chunk_size),
                      out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-        for examples in (self.train_examples, self.eval_examples):
-            bs = self.cfg.eval.batch_size
-            for start in range(0, len(examples), bs):
-                chunk = examples[start:start + bs]
-                length = max(max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
-                                 for e in chunk), 2)
-                length = -(-length // self.cfg.data.pad_to_multiple_of) * self.cfg.data.pad_to_multiple_of
-                host = dpo_batch(chunk, length, self.tokenizer.pad_id or 0, num_pairs=bs)
-                logps = np.asarray(jax.device_get(fn(params, host)))
-                for j, ex in enumerate(chunk):
-                    ex["ref_chosen_logp"], ex["ref_rejected_logp"] = float(logps[j]), float(logps[bs + j])
+
+        def scored(examples: list[dict]) -> list[dict]:
+            chosen, rejected = [], []
+            for host in make_iterator(examples, self.cfg, train=False, mesh=self.mesh, pad_id=self.pad_id):
+                logps = np.asarray(jax.device_get(fn(params, to_global_arrays(host, self.mesh))))
+                pairs = len(logps) // 2  # chosen rows, then rejected rows; padding pairs at the tail
+                chosen += logps[:pairs].tolist()
+                rejected += logps[pairs:].tolist()
+            return [{**ex, "ref_chosen_logp": c, "ref_rejected_logp": r}
+                    for ex, c, r in zip(examples, chosen, rejected)]
+
+        self.train_examples, self.eval_examples = scored(self.train_examples), scored(self.eval_examples)
+        self.train_iter = make_iterator(self.train_examples, self.cfg, mesh=self.mesh, pad_id=self.pad_id)
 
     def compiled_step(self, batch):
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
