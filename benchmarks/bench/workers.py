@@ -64,31 +64,29 @@ def build_jax_step(s: Shape, stage: str, live_reference: bool, chunk_size: int, 
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxalign.config import default_config
+    from jaxalign.config import apply_overrides, default_config
     from jaxalign.models import ModelConfig, init_model
+    from jaxalign.run.build import build_train_state
     from jaxalign.runtime.sharding import make_mesh, use_mesh
-    from jaxalign.train.optimizer import build_optimizer
-    from jaxalign.train.step import Objective, TrainState, batch_shardings, jit_train_step, make_train_step
+    from jaxalign.train.step import batch_shardings, jit_train_step
 
     cfg = ModelConfig.from_hf_dict(s.hf_config())
+    # The defaults a run gets (AdamW, global-norm clipping, beta 0.1), for this stage and chunking.
+    run_cfg = apply_overrides(default_config(), [f"stage={stage}", f"model.logits_chunk_size={chunk_size}"])
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:num_devices] if num_devices else None)
     with use_mesh(mesh):  # as the loop builds its state and step; the executable needs no context
         model = init_model(cfg, mesh, seed=0, **options)
         graphdef, params = nnx.split(model)
         params = nnx.to_pure_dict(params)
         del model
-        opt_cfg = default_config().optimizer  # AdamW, global-norm clipping: the defaults a run gets
-        optimizer, schedule = build_optimizer(opt_cfg, total_steps=1000)
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params))
+        state, state_shardings, train_step = build_train_state(run_cfg, mesh, graphdef, params, total_steps=1000)
         ref = jax.tree.map(jnp.copy, params) if live_reference else None
         host = synthetic_batch(s, stage)
         if stage == "dpo" and live_reference:
             del host["ref_logps"]
         shards = batch_shardings({k: v.shape for k, v in host.items()}, mesh)
         batch = {k: jax.device_put(v, shards[k]) for k, v in host.items()}
-        objective = Objective(stage=stage, chunk_size=chunk_size, beta=0.1)
-        step = jit_train_step(make_train_step(graphdef, objective, optimizer, schedule),
-                              jax.tree.map(lambda x: x.sharding, state), shards,
+        step = jit_train_step(train_step, state_shardings, shards,
                               None if ref is None else jax.tree.map(lambda x: x.sharding, ref))
         t = time.perf_counter()
         compiled = step.lower(state, batch, ref).compile()
