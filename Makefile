@@ -42,8 +42,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check jaxalign tests tools benchmarks
 
 test: $(VENV)/.installed
-	$(TEST_ENV) $(PY) -m pytest -q tests --ignore=tests/test_pipeline.py
-	$(PIPELINE_TEST_ENV) $(PY) -m pytest -q tests/test_pipeline.py
+	$(TEST_ENV) $(PY) -m pytest -q --durations=15 tests --ignore=tests/test_pipeline.py
+	$(PIPELINE_TEST_ENV) $(PY) -m pytest -q --durations=8 tests/test_pipeline.py
 
 # The training-step benchmarks (benchmarks/run.py --help): jaxalign SFT and DPO steps beside PyTorch's,
 # MFU against the matmul peak measured in the same run, compile time vs depth, data loading; ~15 min on
