@@ -13,8 +13,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from jaxalign.config import load_config
 from jaxalign.data.examples import TokenizeSettings, tokenize_preference_example, tokenize_sft_example

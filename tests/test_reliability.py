@@ -27,8 +27,6 @@ from flax import nnx
 from local_processes import free_port, start_workers, wait_workers
 from run_faults import (
     FAULT_STEPS as STEPS,
-)
-from run_faults import (
     assert_same_losses,
     fault_config,
     logged_steps,

@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 from run_faults import (
     FAULT_STEPS as STEPS,
-)
-from run_faults import (
     assert_same_losses,
     fault_config,
     logged_steps,

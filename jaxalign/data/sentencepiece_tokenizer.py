@@ -222,8 +222,7 @@ _EXPORT_PROBES = (
 def _sentencepiece_to_tokenizers(tok: SentencePieceTokenizer):
     """Build a `tokenizers.Tokenizer` that gives sentencepiece's ids (BPE models only)."""
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, decoders, models, normalizers, processors
-    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import AddedToken, Tokenizer as HFBackend, decoders, models, normalizers, processors
 
     sp = tok.sp
     proto = sentencepiece_model_pb2.ModelProto()
