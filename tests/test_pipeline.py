@@ -395,7 +395,12 @@ def test_pairs_cli_writes_pairs_the_judge_prefers(passed_run, small_demo, tmp_pa
 # ----------------------------------------------------------------------------- preemption and kill -9
 
 # A shorter pipeline for the fault tests: every re-run pays the start-up again (~8 s here).
-SHORT_SFT, SHORT_DPO, KILLS = 40, 20, 20
+SHORT_SFT, SHORT_DPO = 40, 20
+# The suite kills once at each kind of kill point, in chain order (8 kills, every kind reached); the
+# campaign (JAXALIGN_KILL_CAMPAIGN=N, e.g. 20) kills N times at the first new point, or one time in three
+# after a random delay, as `benchmarks/RESULTS.md` records it: slow end-to-end work, kept out of `make test`.
+CAMPAIGN = int(os.environ.get("JAXALIGN_KILL_CAMPAIGN", "0"))
+KILLS = CAMPAIGN or 8
 SHORT = [f"sft.overrides.train.max_steps={SHORT_SFT}", f"dpo.overrides.train.max_steps={SHORT_DPO}",
          "train.eval_every=20", "train.log_every=5", "checkpoint.every_steps=20", "checkpoint.keep=2",
          "eval.min_sft_skill=0", "eval.num_generations=16"]
@@ -468,6 +473,11 @@ def test_sigterm_in_each_stage_then_rerun_gives_the_uninterrupted_report(interru
     _assert_equal_to_reference(run["root"], short_reference["root"])
 
 
+def _kind(point: str) -> str:
+    """A kill point without its step: "sft checkpoint 20 being written" -> "sft checkpoint being written"."""
+    return " ".join(word for word in point.split() if not word.isdigit())
+
+
 def _kill_points(root: pathlib.Path) -> set[str]:
     """What a kill can land in, as seen from outside: a checkpoint being written, each new best.json,
     gate.json, the base model, the report and the export half-written."""
@@ -489,9 +499,10 @@ def _kill_points(root: pathlib.Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def killed_run(small_demo, short_reference) -> dict:
-    """The shorter pipeline killed -9 at KILLS points, re-run after each, then run to the end. Each kill
-    comes at the first new kill point the run shows or, one time in three, after a random 1-10 s (start-up,
-    data, compilation, evaluation: wherever that lands)."""
+    """The shorter pipeline killed -9 at KILLS points, re-run after each, then run to the end. In the suite
+    each kill comes at the first new kill point of a kind not killed yet; in a campaign at the first new
+    kill point or, one time in three, after a random 1-10 s (start-up, data, compilation, evaluation:
+    wherever that lands)."""
     tmp = small_demo["root"].parent
     root = tmp / "killed"
     rng, seed = _seeded()
@@ -501,14 +512,16 @@ def killed_run(small_demo, short_reference) -> dict:
     for k in range(KILLS):
         log = tmp / f"killed_{k}.log"
         before = _kill_points(root)
-        delay = rng.uniform(1.0, 10.0) if rng.random() < 1 / 3 else None
+        delay = rng.uniform(1.0, 10.0) if CAMPAIGN and rng.random() < 1 / 3 else None
+        killed_kinds = {_kind(w) for w in kills}
         proc = _start_cli(argv, log)
         t0, where = time.monotonic(), None
         while proc.poll() is None and where is None:
             if delay is not None:
                 where = f"after {delay:.1f} s" if time.monotonic() - t0 >= delay else None
             else:
-                where = next(iter(sorted(_kill_points(root) - before)), None)
+                new = sorted(_kill_points(root) - before)
+                where = next((w for w in new if CAMPAIGN or _kind(w) not in killed_kinds), None)
             if where is None:
                 time.sleep(0.002)
             assert time.monotonic() - t0 < 400, "timed out"
@@ -524,11 +537,15 @@ def killed_run(small_demo, short_reference) -> dict:
     return {"root": root, "kills": kills, "last": last, "finished_early": finished_early}
 
 
-def test_kill_minus_9_at_20_points_always_ends_finished_and_equal(killed_run, short_reference):
+def test_kill_minus_9_at_every_kind_of_point_always_ends_finished_and_equal(killed_run, short_reference):
     """However the runs were killed, the last re-run ends with every stage finished, nothing skipped or
     corrupt: the report's metrics and the exported weights equal the uninterrupted run's."""
     run = killed_run
     assert run["last"].returncode == 0, run["last"].stderr[-4000:]
     assert len(run["kills"]) == KILLS or run["finished_early"], run["kills"]
     assert len(run["kills"]) >= KILLS // 2, run["kills"]  # the chain has more kill points than that
+    if not CAMPAIGN:  # one kill in each kind of point, on through DPO (a short window may pass unseen)
+        assert len({_kind(w) for w in run["kills"]}) == len(run["kills"]), run["kills"]
+        assert {"dpo checkpoint being written", "dpo best.json naming step", "report half-written",
+                "export half-written"} & {_kind(w) for w in run["kills"]}, run["kills"]
     _assert_equal_to_reference(run["root"], short_reference["root"])
