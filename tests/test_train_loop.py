@@ -327,6 +327,17 @@ def test_dpo_precomputed_reference_matches_model_reference(base, sft_run, dpo_mo
 
 # --- bad input ----------------------------------------------------------------------------------------
 
+def test_dpo_precomputed_reference_without_a_held_out_set(base, sft_run):
+    """No data.eval and no eval_fraction: the train pairs alone are scored, and set-up goes on."""
+    config = dpo_config(base, sft_run, "dpo_precomputed_no_eval", "precomputed", sets=['data.eval=""'])
+    trainer = Trainer(config)
+    try:
+        assert trainer.eval_examples == [] and trainer.train_examples
+        assert all("ref_chosen_logp" in ex and "ref_rejected_logp" in ex for ex in trainer.train_examples)
+    finally:
+        trainer.release_lock()
+
+
 def test_existing_run_dir_needs_resume_or_overwrite(base, sft_run, capsys):
     root, cfg = base
     run, _ = sft_run

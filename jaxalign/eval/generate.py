@@ -45,7 +45,7 @@ from jax.sharding import Mesh
 from jaxalign.data.batching import round_up
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import as_path
-from jaxalign.runtime.sharding import batch_sharding, constrain, data_parallel_size, make_mesh, use_mesh
+from jaxalign.runtime.sharding import RULES, batch_sharding, constrain, data_parallel_size, make_mesh, use_mesh
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,8 @@ def _decode_all(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
         return []
     eos = sorted({int(t) for t in eos_ids if 0 <= int(t) < vocab}) or [-1]
     pad_id = pad_id if 0 <= pad_id < vocab else 0
-    data_parallel = data_parallel_size(mesh) if mesh is not None else 1
+    # The default table: the batch is sharded under it below (_put), whatever rules the caller has set.
+    data_parallel = data_parallel_size(mesh, RULES) if mesh is not None else 1
     rows = round_up(batch_size if batch_size > 0 else len(prompts), data_parallel)
     greedy, max_new_tokens = params.greedy, params.max_new_tokens
     # Compile-time settings; greedy ignores the filters, so they are zeroed and add no compiles.

@@ -176,6 +176,8 @@ class Trainer(RunCheckpoints):
                      out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
         def scored(examples: list[dict]) -> list[dict]:
+            if not examples:  # no held-out set: nothing to score (an iterator needs a batch)
+                return []
             chosen, rejected = [], []
             for host in make_iterator(examples, self.cfg, train=False, mesh=self.mesh, pad_id=self.pad_id):
                 logps = np.asarray(jax.device_get(fn(params, to_global_arrays(host, self.mesh))))
