@@ -10,7 +10,7 @@ Sections (--sections, comma-separated; default all):
   peak     dense fp32 matmul FLOP/s measured here (jnp.dot of 2048x2048, best of several); the CPU
            denominator of MFU. On GPU/TPU the datasheet peak of the device kind is used instead.
   step     jaxalign SFT step, DPO step with a precomputed reference and with a live reference model:
-           the real code path (train.step.make_train_step + jit_train_step, as train/loop.py builds
+           the real code path (train.step.make_train_step + jit_train_step, as run/loop.py builds
            them), compile time, median step time after warm-up, tokens/s, pairs/s, MFU, peak memory.
   torch    the same shape, batch, length and dtype trained by transformers' LlamaForCausalLM +
            torch.optim.AdamW (one step = forward, backward, update).
