@@ -13,7 +13,7 @@ from flax import nnx
 from jaxalign.checkpoint import model_io
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model
-from jaxalign.run.build import accumulation_steps, build_train_state, model_options
+from jaxalign.run.build import accumulation_steps, build_train_state, initial_model_path, model_options
 from jaxalign.runtime.sharding import data_parallel_size, merged_rules, use_mesh
 from jaxalign.train.step import batch_shardings, jit_train_step
 
@@ -22,7 +22,7 @@ def model_config_of(cfg) -> ModelConfig:
     """The architecture from `model.config` (no file read), else the config.json at `model.path`."""
     if cfg.model.config:
         return ModelConfig.from_hf_dict(dict(cfg.model.config), source="model.config")
-    path = cfg.dpo.init_from if cfg.stage == "dpo" and cfg.dpo.init_from else cfg.model.path
+    path = initial_model_path(cfg)
     if not path:
         raise JaxalignError("set model.config (an inline HF architecture) or model.path to plan a run")
     return model_io.load_model_config(path)
