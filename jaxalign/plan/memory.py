@@ -56,12 +56,6 @@ def _dtype_bytes(name: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
 
 
-def _axis_size(mesh, rules, logical: str, dim: int) -> int:
-    """Ways the mesh splits an array axis of logical name `logical` and size `dim`."""
-    entry = sharding_lib.logical_to_spec((logical,), (dim,), mesh, rules)[0]
-    return math.prod(mesh.shape[a] for a in sharding_lib.axes_tuple(entry))
-
-
 def fused_attention(cfg, accelerator: Accelerator) -> bool:
     """True when attention runs as a fused kernel that keeps no T x T scores (cuDNN on GPU)."""
     impl = cfg.model.attention
@@ -92,13 +86,13 @@ def estimate_memory(cfg, step, accelerator: Accelerator) -> dict[str, float]:
     accum_steps = accumulation_steps(cfg)
     rows = step.batch["tokens"].shape[0]
     length = step.batch["tokens"].shape[1]
-    dp = _axis_size(mesh, rules, "batch", rows)
+    dp = sharding_lib.logical_axis_size("batch", rows, mesh, rules)
     micro_rows_per_device = max(rows // accum_steps // dp, 1)
     a = _dtype_bytes(cfg.model.dtype)
-    t_heads = _axis_size(mesh, rules, "act_heads", mc.num_attention_heads)
-    t_kv = _axis_size(mesh, rules, "act_kv_heads", mc.num_key_value_heads)
-    t_mlp = _axis_size(mesh, rules, "act_mlp", mc.intermediate_size)
-    t_vocab = _axis_size(mesh, rules, "act_vocab", mc.vocab_size)
+    t_heads = sharding_lib.logical_axis_size("act_heads", mc.num_attention_heads, mesh, rules)
+    t_kv = sharding_lib.logical_axis_size("act_kv_heads", mc.num_key_value_heads, mesh, rules)
+    t_mlp = sharding_lib.logical_axis_size("act_mlp", mc.intermediate_size, mesh, rules)
+    t_vocab = sharding_lib.logical_axis_size("act_vocab", mc.vocab_size, mesh, rules)
     acts = activation_bytes(mc, cfg.model.remat, micro_rows_per_device, length, a, t_heads, t_kv, t_mlp,
                             fused_attention(cfg, accelerator))
     chunk = cfg.model.logits_chunk_size

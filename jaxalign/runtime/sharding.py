@@ -102,10 +102,16 @@ def abstract_mesh(sizes: Mapping[str, int], num_devices: int) -> AbstractMesh:
     return AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def logical_axis_size(name: str, dim: int | None, mesh: Mesh | AbstractMesh,
+                      rules: Mapping[str, Any] | None = None) -> int:
+    """How many ways the mesh splits an array axis of logical `name` (and size `dim`, when known)."""
+    spec = logical_to_spec((name,), None if dim is None else (dim,), mesh, rules)
+    return math.prod(mesh.shape[a] for a in axes_tuple(spec[0]))
+
+
 def data_parallel_size(mesh: Mesh | AbstractMesh, rules: Mapping[str, Any] | None = None) -> int:
     """How many ways the batch axis is split (the product of the mesh axes "batch" maps to)."""
-    spec = logical_to_spec(("batch",), None, mesh, rules)
-    return math.prod(mesh.shape[a] for a in axes_tuple(spec[0]))
+    return logical_axis_size("batch", None, mesh, rules)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh | Any,
