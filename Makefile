@@ -3,14 +3,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# 8 virtual CPU devices so every sharding path runs on a laptop or CI box. XLA's CPU runtime can
-# deadlock collectives of virtual devices; which scheduler avoids it differs by workload, so the
-# pipeline tests run in their own process with the concurrency-optimized scheduler off (the
-# in-process DPO loop deadlocks with it off, the pipeline's eval with it on).
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
-PIPELINE_TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false" \
-	JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
-
 .PHONY: venv lint test demo clean-demo bench clean
 
 $(VENV)/.installed: pyproject.toml
@@ -41,9 +33,10 @@ clean-demo:
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check jaxalign tests tools benchmarks
 
+# The suite's environment (8 virtual CPU devices, XLA's thread pools, one compilation cache) is set
+# in tests/conftest.py, so a bare `pytest` runs the same way.
 test: $(VENV)/.installed
-	$(TEST_ENV) $(PY) -m pytest -q --durations=15 tests --ignore=tests/test_pipeline.py
-	$(PIPELINE_TEST_ENV) $(PY) -m pytest -q --durations=8 tests/test_pipeline.py
+	$(PY) -m pytest -q --durations=20 tests
 
 # The training-step benchmarks (benchmarks/run.py --help): jaxalign SFT and DPO steps beside PyTorch's,
 # MFU against the matmul peak measured in the same run, compile time vs depth, data loading; ~15 min on

@@ -2,15 +2,30 @@
 
 import os
 
-# (tests/test_pipeline.py runs its pipeline subprocess with
-# --xla_cpu_enable_concurrency_optimized_scheduler=false, which avoids a collective deadlock seen
-# there; set globally, the same flag deadlocked the in-process DPO loop instead, so it is not.)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# XLA's CPU collectives block the pool thread they run on until all devices arrive, and one device can
+# wait in several at once (a scan body's all-gather beside one of the program around it). The client
+# sizes its thread pools to the device count, so 8 virtual devices can fill every thread with waiters
+# while the devices they wait for have none left: a hang, then a fatal 40 s rendezvous timeout (seen
+# with either CPU scheduler). PJRT_NPROC sizes the pools; 4 threads per device keeps threads free.
+# Subprocesses inherit it.
+os.environ.setdefault("PJRT_NPROC", "32")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One persistent compilation cache for the session, here and in every subprocess: the tests build the
+# same tiny programs many times (each Trainer jits anew; each killed and resumed run starts cold).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxalign-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pathlib  # noqa: E402
 
@@ -28,23 +43,10 @@ def shared_data() -> pathlib.Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (in-process and in subprocesses): a run after the
-    first reuses its executables instead of compiling them again. Restored afterwards."""
-    import jax
-    from jax._src import compilation_cache
-
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    old = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
+@pytest.fixture(scope="session")
+def jax_cache() -> dict:
+    """The session's persistent compilation cache settings (set above, so subprocesses inherit them),
+    for tests that hand a subprocess its environment explicitly."""
+    return {name: os.environ[name] for name in ("JAX_COMPILATION_CACHE_DIR",
+                                                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                                                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")}

@@ -10,12 +10,8 @@ machine with 8 virtual devices (deterministic for a given jax/XLA build):
 
     base skill 0%; SFT skill 94%, style 30%; DPO skill 91%, style 98%, win-rate over SFT 82%
 
-The pipeline runs in a subprocess (`python -m jaxalign.cli pipeline`) with
---xla_cpu_enable_concurrency_optimized_scheduler=false: with 8 virtual CPU devices on a machine
-with fewer cores, XLA's CPU runtime can run two collectives of one device concurrently, and then
-all of its collective threads wait on each other (measured: the DPO train step hung in 4 of 4
-runs without the flag, in none of 7 with it; `make demo` runs on one device and is not affected).
-Everything else runs in this process and compiles nothing that trains.
+The pipeline runs in a subprocess (`python -m jaxalign.cli pipeline`, with the suite's environment:
+tests/conftest.py). Everything else runs in this process and compiles nothing that trains.
 """
 
 from __future__ import annotations
@@ -50,8 +46,6 @@ N_SFT, N_PREF, N_EVAL = 3000, 1500, 64  # the demo: 8000, 3000, 256
 STRICT_GATE = 0.99  # the first run's eval.min_sft_skill: the small SFT run misses it
 DEMO_GATE = 0.8  # configs/demo.yaml's eval.min_sft_skill: the second run's
 METRICS = ("skill_accuracy", "nll", "perplexity", "style_rate", "reward_accuracy", "reward_margin")
-XLA_FLAGS = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-             " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 
 def _jsonl(path) -> list[dict]:
@@ -67,13 +61,9 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
 
 
 def _subprocess_cli(argv: list[str], timeout: float, log: pathlib.Path) -> subprocess.CompletedProcess:
-    """`python -m jaxalign.cli ARGV`; its stderr is also kept in `log` (a failed test points at it).
-
-    The two pipeline runs share a persistent compilation cache (the gate's decoding program is the
-    report's)."""
-    env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "JAX_COMPILATION_CACHE_DIR": str(log.parent / "jax_cache")}
-    proc = subprocess.run([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+    """`python -m jaxalign.cli ARGV`; its stderr is also kept in `log` (a failed test points at it). The
+    runs share the session's persistent compilation cache (the gate's decoding program is the report's)."""
+    proc = subprocess.run([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
     log.write_text(proc.stderr)
     return proc
@@ -140,9 +130,7 @@ def passed_run(small_demo, failed_gate) -> dict:
 
 def _start_cli(argv: list[str], log: pathlib.Path) -> subprocess.Popen:
     """`python -m jaxalign.cli ARGV` started in the background, its stderr going to `log`."""
-    env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "JAX_COMPILATION_CACHE_DIR": str(log.parent / "jax_cache")}
-    return subprocess.Popen([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
 
 
