@@ -34,9 +34,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check jaxalign tests tools benchmarks
 
 # The suite's environment (8 virtual CPU devices, XLA's thread pools, one compilation cache) is set
-# in tests/conftest.py, so a bare `pytest` runs the same way.
+# in tests/conftest.py, so a bare `pytest` runs the same way. Two workers, one test file each at a
+# time (module fixtures are built once): the subprocess-heavy pipeline file runs beside the rest.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
 
 # The training-step benchmarks (benchmarks/run.py --help): jaxalign SFT and DPO steps beside PyTorch's,
 # MFU against the matmul peak measured in the same run, compile time vs depth, data loading; ~15 min on

@@ -1,10 +1,18 @@
 """Worker processes on this machine joined over localhost, as the multi-host tests run them."""
 
+import os
+import re
 import socket
 import subprocess
 import sys
 
 import pytest
+
+
+def xla_flags(devices: int) -> str:
+    """The suite's XLA_FLAGS (tests/conftest.py) with `devices` virtual CPU devices per process."""
+    return re.sub(r"--xla_force_host_platform_device_count=\d+", f"--xla_force_host_platform_device_count={devices}",
+                  os.environ["XLA_FLAGS"])
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import os
 import pathlib
 
 import numpy as np
-from local_processes import free_port, start_workers, wait_workers
+from local_processes import free_port, start_workers, wait_workers, xla_flags
 
 from jaxalign.data.iterator import BatchIterator
 
@@ -40,7 +40,7 @@ def test_two_processes_assemble_the_single_process_global_batch(tmp_path):
     data = _data(np.random.default_rng(0))
     data_path = tmp_path / "data.json"
     data_path.write_text(json.dumps(data))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO)}
     port = free_port()
     wait_workers(start_workers(WORKER, [[i, port, data_path, tmp_path] for i in range(2)], env, REPO), timeout=90)

@@ -16,7 +16,7 @@ import pathlib
 import sys
 import time
 
-from local_processes import free_port, start_workers, wait_workers
+from local_processes import free_port, start_workers, wait_workers, xla_flags
 from tiny_runs import hh_sft_config, train_until  # stdlib only: the workers set their environment before jax loads
 
 THIS = pathlib.Path(__file__).resolve()
@@ -99,7 +99,7 @@ def test_two_processes_train_sft_and_dpo_like_one(tmp_path, shared_data):
     import jax
     import pytest
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO)}
     for name in ("JAXALIGN_COORDINATOR", "JAXALIGN_NUM_PROCESSES", "JAXALIGN_PROCESS_ID"):
         env.pop(name, None)
@@ -182,7 +182,7 @@ def test_processes_that_disagree_on_the_data_all_stop_with_one_message(tmp_path,
         host.mkdir()
         (host / "data.jsonl").write_text("".join(rows[i:i + 40]))  # another first row on process 1
         (host / "bad.jsonl").write_text("".join(rows[:40]) if i == 0 else "{not json\n")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO)}
     for name in ("JAXALIGN_COORDINATOR", "JAXALIGN_NUM_PROCESSES", "JAXALIGN_PROCESS_ID"):
         env.pop(name, None)

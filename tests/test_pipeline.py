@@ -10,8 +10,8 @@ machine with 8 virtual devices (deterministic for a given jax/XLA build):
 
     base skill 0%; SFT skill 94%, style 30%; DPO skill 91%, style 98%, win-rate over SFT 82%
 
-The pipeline runs in a subprocess (`python -m jaxalign.cli pipeline`, with the suite's environment:
-tests/conftest.py). Everything else runs in this process and compiles nothing that trains.
+The pipeline runs in a subprocess (`python -m jaxalign.cli pipeline`, with the suite's environment,
+tests/conftest.py, at full LLVM optimisation). Everything else runs in this process and compiles nothing that trains.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ SFT_STEPS, DPO_STEPS = 200, 60  # the demo: 300, 100
 N_SFT, N_PREF, N_EVAL = 3000, 1500, 64  # the demo: 8000, 3000, 256
 STRICT_GATE = 0.99  # the first run's eval.min_sft_skill: the small SFT run misses it
 DEMO_GATE = 0.8  # configs/demo.yaml's eval.min_sft_skill: the second run's
+# The pipeline trains for real (hundreds of steps): full LLVM optimisation pays for itself here, unlike in
+# the compile-bound rest of the suite (tests/conftest.py).
+PIPELINE_ENV = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "")}
 METRICS = ("skill_accuracy", "nll", "perplexity", "style_rate", "reward_accuracy", "reward_margin")
 
 
@@ -63,8 +66,8 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
 def _subprocess_cli(argv: list[str], timeout: float, log: pathlib.Path) -> subprocess.CompletedProcess:
     """`python -m jaxalign.cli ARGV`; its stderr is also kept in `log` (a failed test points at it). The
     runs share the session's persistent compilation cache (the gate's decoding program is the report's)."""
-    proc = subprocess.run([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT, env=PIPELINE_ENV,
+                          capture_output=True, text=True, timeout=timeout)
     log.write_text(proc.stderr)
     return proc
 
@@ -130,7 +133,7 @@ def passed_run(small_demo, failed_gate) -> dict:
 
 def _start_cli(argv: list[str], log: pathlib.Path) -> subprocess.Popen:
     """`python -m jaxalign.cli ARGV` started in the background, its stderr going to `log`."""
-    return subprocess.Popen([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "jaxalign.cli", *argv], cwd=ROOT, env=PIPELINE_ENV,
                             stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
 
 

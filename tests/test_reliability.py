@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from local_processes import free_port, start_workers, wait_workers
+from local_processes import free_port, start_workers, wait_workers, xla_flags
 from run_faults import (
     FAULT_STEPS as STEPS,
     assert_same_losses,
@@ -177,7 +177,7 @@ def test_two_processes_stop_at_the_same_step_and_share_the_lock_verdict(tmp_path
     port = free_port()
     worker = tmp_path / "worker.py"
     worker.write_text(TWO_PROCESS_WORKER)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(PACKAGE.parent)}
     wait_workers(start_workers(worker, [[i, port, tmp_path, run] for i in range(2)], env), timeout=120)
     results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
