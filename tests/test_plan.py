@@ -73,13 +73,36 @@ def test_a_config_that_does_not_fit_gets_a_suggestion_that_does():
 
 
 def test_more_devices_when_no_change_is_enough():
-    cfg = load_config("configs/real/llama3.1-70b-sft.yaml")
+    # Without a model.path there is no base for LoRA to adapt, so no single change makes it fit.
+    cfg = load_config("configs/real/llama3.1-70b-sft.yaml", ['model.path=""'])
     p = plan(cfg, accelerator="h100", mesh={"data": 1, "fsdp": 8, "tensor": 1}, lower=False)
     assert not p.fits
     assert any("more devices" in s for s in p.suggestions), p.report()
     line = next(s for s in p.suggestions if s.strip().startswith("fits on"))
     devices = int(line.split()[2])
     assert devices >= 16  # 70B with fp32 AdamW needs 1.1 TB: more than 8 x 80 GB
+
+
+def test_lora_is_suggested_and_plans_adapters_only():
+    """LoRA on the 70B SFT config: the frozen base counted once, gradients and optimizer state for the
+    adapters only (rank 16 on all seven projections of 80 layers), and with it the run fits 8 x H100."""
+    cfg = load_config("configs/real/llama3.1-70b-sft.yaml")
+    p = plan(cfg, accelerator="h100", mesh={"data": 1, "fsdp": 8, "tensor": 1}, lower=False)
+    lora = next(s for s in p.suggestions if "lora.enabled=true" in s)
+    assert lora.endswith("(fits)"), p.report()
+    sets = ["lora.enabled=true", "lora.rank=16", "lora.alpha=32"]
+    q = plan(validate(apply_overrides(cfg, sets)), accelerator="h100", mesh={"data": 1, "fsdp": 8, "tensor": 1},
+             suggest=False, lower=False)
+    e, kv, m, layers, r = 8192, 8 * 128, 28672, 80, 16
+    adapters = layers * r * ((e + e) * 2 + (e + kv) * 2 + (e + m) * 3)  # A [in, r] + B [r, out] per projection
+    # fp32. Each adapter shards as its weight's axes: fsdp takes "embed", which is A's input for q, k, v,
+    # gate, up and B's output for o, down; the rest (B of q/k/v/gate/up, A of o/down) has only heads or
+    # mlp axes, which go to the tensor axis (size 1 here), and is replicated.
+    sharded = layers * r * 7 * e
+    assert q.memory["grads"] == (sharded / 8 + (adapters - sharded)) * 4
+    assert q.memory["opt_state"] == pytest.approx(2 * q.memory["grads"], rel=1e-3)
+    assert q.memory["params"] == pytest.approx(p.memory["params"] + q.memory["grads"], rel=1e-6)
+    assert q.fits and q.memory["reference"] == 0
 
 
 def test_cli_prints_the_report(capsys):

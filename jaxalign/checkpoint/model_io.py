@@ -4,6 +4,9 @@ A jaxalign model checkpoint directory holds:
     jaxalign_model.json   ModelConfig.to_dict(), the source checkpoint's dtype, the format version
     params/               Orbax checkpoint of the parameters as a pure dict (nnx.to_pure_dict)
     tokenizer/            tokenizer files (optional)
+A LoRA run's description also names its base model (path and fingerprint) and its adapters; its
+params/ then hold the adapters only, and loading it gives the base with the adapters merged in. A
+PEFT adapter directory (adapter_config.json) loads the same way, on top of its base_model_name_or_path.
 Params restore straight onto any mesh: Orbax reads each device's block for the target sharding.
 Paths may be URLs (gs://...): Orbax reads those itself; a Hugging Face directory at a URL is
 downloaded (config, safetensors) to local disk first, since safetensors are memory-mapped.
@@ -12,6 +15,7 @@ downloaded (config, safetensors) to local disk first, since safetensors are memo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 from collections.abc import Mapping
@@ -25,7 +29,7 @@ from jax.sharding import Mesh
 
 from jaxalign.checkpoint.store import mismatch_message, saved_tensors
 from jaxalign.errors import JaxalignError
-from jaxalign.models import Decoder, ModelConfig, abstract_model
+from jaxalign.models import Decoder, ModelConfig, abstract_model, lora as lora_lib, peft
 from jaxalign.models.hf import dir_listing, hf_source_dtype, is_hf_model_file, load_hf_state
 from jaxalign.runtime import paths
 from jaxalign.runtime.paths import Path, PathLike
@@ -86,12 +90,14 @@ def _meta_dir(path: Path) -> Path:
 
 
 def detect_model_format(path: PathLike) -> str:
-    """"hf" (config.json) or "jaxalign" (jaxalign_model.json)."""
+    """"hf" (config.json), "jaxalign" (jaxalign_model.json) or "peft" (adapter_config.json)."""
     path = resolve_model_path(path)
     if (_meta_dir(path) / MODEL_FILE).is_file():
         return "jaxalign"
     if (path / "config.json").is_file():
         return "hf"
+    if peft.is_peft_dir(path):
+        return "peft"
     raise JaxalignError(
         f"{path} is neither a Hugging Face model directory (config.json + *.safetensors) nor a jaxalign "
         f"model checkpoint ({MODEL_FILE} + {PARAMS_DIR}/); it contains: {dir_listing(path)}")
@@ -123,6 +129,8 @@ def _readable(path: Path):
 def load_model_config(path: PathLike) -> ModelConfig:
     path = resolve_model_path(path)
     with _readable(path):
+        if detect_model_format(path) == "peft":
+            return load_model_config(_peft_base(path))
         if detect_model_format(path) == "hf":
             config = path / "config.json"  # detect_model_format found it
             return ModelConfig.from_hf_dict(json.loads(config.read_text()), source=str(config))
@@ -133,6 +141,8 @@ def source_dtype(path: PathLike) -> str | None:
     """The dtype the model was originally published in (what an HF export writes by default)."""
     path = resolve_model_path(path)
     with _readable(path):
+        if detect_model_format(path) == "peft":
+            return source_dtype(_peft_base(path))
         if detect_model_format(path) == "hf":
             return hf_source_dtype(path)
         return _read_meta(path).get("source_dtype")
@@ -147,12 +157,107 @@ def load_model(path: PathLike, mesh: Mesh, rules: Mapping[str, Any] | None = Non
     """
     path = resolve_model_path(path)
     cfg = load_model_config(path)
+    kind = detect_model_format(path)
+    if kind == "peft":
+        with _readable(path):
+            spec, adapters, _ = peft.read_peft_dir(path, cfg)
+        return _merged(load_model(_peft_base(path), mesh, rules, **options), adapters, spec)
+    lora = _read_meta(path).get("lora") if kind == "jaxalign" else None
+    if lora:
+        base = load_model(_checked_base(path, lora), mesh, rules, **options)
+        spec = lora_spec_of(lora)
+        return _merged(base, _restore_adapters(path, base.cfg, spec, mesh, rules), spec)
     graphdef, abstract, shardings = abstract_model(cfg, mesh, rules, **options)
-    if detect_model_format(path) == "hf":
+    if kind == "hf":
         with _readable(path), paths.downloaded(path, keep=is_hf_model_file) as local:
             state = load_hf_state(local, cfg, shardings, options.get("param_dtype", "float32"))
     else:
         state = _restore_params(path, abstract, shardings)
+    return nnx.merge(graphdef, state)
+
+
+# --- LoRA runs and PEFT adapters: a base model plus adapters, loaded merged ---------------------
+
+def lora_description(spec: lora_lib.LoraSpec, base: PathLike) -> dict[str, Any]:
+    """What MODEL_FILE records of a LoRA run: the adapters and the base (resolved path + fingerprint)."""
+    base = resolve_model_path(base)
+    return {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "dropout": spec.dropout,
+            "rslora": spec.rslora, "init": spec.init, "base": str(paths.absolute(base)),
+            "base_fingerprint": model_fingerprint(base)}
+
+
+def lora_spec_of(description: Mapping[str, Any]) -> lora_lib.LoraSpec:
+    return lora_lib.LoraSpec(rank=description["rank"], alpha=description["alpha"],
+                             targets=tuple(description["targets"]), dropout=description["dropout"],
+                             rslora=description["rslora"], init=description["init"])
+
+
+def model_fingerprint(path: PathLike) -> str:
+    """Identity of the weights a model path resolves to, cheap on a large model: every file's name and
+    size, and the bytes at its start and end (so retrained weights of the same shapes differ)."""
+    path = resolve_model_path(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(path)}:{size}:".encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read(1 << 16))
+            if size > 1 << 17:
+                fh.seek(size - (1 << 16))
+                digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+def load_adapters(path: PathLike, mesh: Mesh, rules: Mapping[str, Any] | None = None):
+    """A LoRA run's (or step's) adapters, not merged: (spec, adapters, base model path)."""
+    path = resolve_model_path(path)
+    lora = _read_meta(path).get("lora") if detect_model_format(path) == "jaxalign" else None
+    if not lora:
+        raise JaxalignError(f"{path} holds full weights, not LoRA adapters (its run did not set lora.enabled)")
+    spec = lora_spec_of(lora)
+    return spec, _restore_adapters(path, load_model_config(path), spec, mesh, rules), _checked_base(path, lora)
+
+
+def _checked_base(path: Path, lora: Mapping[str, Any]) -> str:
+    base = lora["base"]
+    if not paths.exists(base):
+        raise JaxalignError(f"{path}: its adapters were trained on {base}, which no longer exists")
+    if model_fingerprint(base) != lora["base_fingerprint"]:
+        raise JaxalignError(f"{path}: its adapters were trained on {base}, whose weights have changed since "
+                            f"(fingerprint {model_fingerprint(base)}, recorded {lora['base_fingerprint']})")
+    return base
+
+
+def _peft_base(path: Path) -> Path:
+    base = json.loads((path / peft.CONFIG_FILE).read_text()).get("base_model_name_or_path") or ""
+    if not base or not paths.exists(base):
+        raise JaxalignError(f"{path / peft.CONFIG_FILE}: base_model_name_or_path {base!r} is not a local model "
+                            "directory; point it at the base model the adapters were trained on")
+    return resolve_model_path(base)
+
+
+def _restore_adapters(path: Path, cfg: ModelConfig, spec: lora_lib.LoraSpec, mesh: Mesh, rules) -> dict:
+    from jaxalign.runtime.sharding import named_sharding
+
+    shapes, axes = lora_lib.adapter_shapes(cfg, spec), lora_lib.adapter_axes(cfg, spec)
+    target = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(s, jax.numpy.float32,
+                                                            sharding=named_sharding(a, s, mesh, rules)),
+                          shapes, axes, is_leaf=lambda x: isinstance(x, tuple))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(paths.absolute(path / PARAMS_DIR), target)
+    except Exception as e:
+        raise JaxalignError(mismatch_message(path, saved_tensors(path / PARAMS_DIR), target, e)
+                            + " (LoRA adapters)") from e
+
+
+def _merged(model: Decoder, adapters, spec: lora_lib.LoraSpec) -> Decoder:
+    """The base with W + scale * A B folded in, each weight keeping its sharding."""
+    graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+    shardings = jax.tree.map(lambda x: x.sharding, pure)
+    merged = jax.jit(lora_lib.merge, static_argnums=2, out_shardings=shardings)(pure, adapters, spec.scale)
+    nnx.replace_by_pure_dict(state, merged)
     return nnx.merge(graphdef, state)
 
 
@@ -196,14 +301,16 @@ def save_model_checkpoint(model: Decoder, out_dir: PathLike, tokenizer: Any = No
 
 
 def write_model_description(out_dir: PathLike, cfg: ModelConfig, tokenizer: Any = None,
-                            source_dtype: str | None = None, param_dtype: str = "float32") -> None:
-    """MODEL_FILE (+ tokenizer/) in `out_dir`: what makes params/ beside it, or a run's step dirs, a model."""
+                            source_dtype: str | None = None, param_dtype: str = "float32",
+                            lora: Mapping[str, Any] | None = None) -> None:
+    """MODEL_FILE (+ tokenizer/) in `out_dir`: what makes params/ beside it, or a run's step dirs, a model.
+    `lora` (lora_description): params/ hold adapters on that base."""
     if jax.process_index() != 0:
         return
     out_dir = paths.as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_config": cfg.to_dict(),
-            "source_dtype": source_dtype, "param_dtype": param_dtype}
+            "source_dtype": source_dtype, "param_dtype": param_dtype, **({"lora": dict(lora)} if lora else {})}
     (out_dir / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:
         with paths.local_dir_for(out_dir / TOKENIZER_DIR) as local:
@@ -215,11 +322,20 @@ def write_model_description(out_dir: PathLike, cfg: ModelConfig, tokenizer: Any 
 def tokenizer_path(path: PathLike) -> Path:
     """Where the tokenizer of a model directory lives: the HF directory itself, or CKPT/tokenizer/."""
     path = resolve_model_path(path)
-    where = path if detect_model_format(path) == "hf" else _meta_dir(path) / TOKENIZER_DIR
+    where = _tokenizer_dir(path)
     if not has_tokenizer(where):
         raise JaxalignError(f"no tokenizer files in {where} (looked for {', '.join(TOKENIZER_FILES[:3])}, ...); "
                             "pass a tokenizer path explicitly")
     return where
+
+
+def _tokenizer_dir(path: Path) -> Path:
+    """An HF dir holds its tokenizer; a jaxalign model keeps it in tokenizer/; a PEFT dir may hold one,
+    else its base's."""
+    kind = detect_model_format(path)
+    if kind == "peft":
+        return path if has_tokenizer(path) else _tokenizer_dir(_peft_base(path))
+    return path if kind == "hf" else _meta_dir(path) / TOKENIZER_DIR
 
 
 def has_tokenizer(directory: PathLike) -> bool:
@@ -246,7 +362,7 @@ def model_tokenizer(path: PathLike) -> Any:
     Uses `jaxalign.data.tokenizer.load_tokenizer` when that module exists, else copies the files.
     """
     path = resolve_model_path(path)
-    where = path if detect_model_format(path) == "hf" else _meta_dir(path) / TOKENIZER_DIR
+    where = _tokenizer_dir(path)
     if not has_tokenizer(where):
         return None
     if importlib.util.find_spec("jaxalign.data.tokenizer") is not None:

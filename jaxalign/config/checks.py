@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 
+from jaxalign.config.schema import LORA_TARGETS
 from jaxalign.runtime.paths import is_remote
 from jaxalign.runtime.sharding import MESH_AXES
 
@@ -105,9 +107,38 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
 
     need(c["sft"]["z_loss"] >= 0, "sft.z_loss", "must be >= 0")
     p = c["dpo"]
+    errors += _lora_errors(c, need)
     need(p["beta"] > 0, "dpo.beta", "must be > 0")
     need(0.0 <= p["label_smoothing"] < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
     need(p["sft_weight"] >= 0, "dpo.sft_weight", "must be >= 0")
     if c["stage"] == "dpo" and p["label_smoothing"] > 0 and p["loss"] in ("ipo", "hinge"):
         log.warning("dpo.label_smoothing is ignored by dpo.loss=%s", p["loss"])
+    return errors
+
+
+def _lora_errors(c: dict, need) -> list[tuple[str, str]]:
+    lo, p, errors = c["lora"], c["dpo"], []
+    if not lo["enabled"]:
+        need(p["reference"] != "adapters_off", "dpo.reference", "needs lora.enabled=true (it is the base model "
+             "without its adapters)")
+        return errors
+    need(lo["rank"] >= 1, "lora.rank", "must be >= 1")
+    need(lo["alpha"] > 0, "lora.alpha", "must be > 0")
+    need(0.0 <= lo["dropout"] < 1.0, "lora.dropout", "must be in [0, 1)")
+    valid = [*LORA_TARGETS, *(t.split("_")[0] for t in LORA_TARGETS), "all-linear"]
+    for name in lo["targets"]:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(("lora.targets", f"config key 'lora.targets' has unknown target {name!r}{hint}; valid: "
+                           + ", ".join(valid)))
+    need(bool(lo["targets"]), "lora.targets", "must name at least one projection (or all-linear)")
+    starts_from = p["init_from"] if c["stage"] == "dpo" and p["init_from"] else c["model"]["path"]
+    if not starts_from:
+        key = "dpo.init_from" if c["stage"] == "dpo" else "model.path"
+        errors.append((key, f"lora.enabled needs a base model to adapt: set {key} (a random model.config has "
+                            "nothing to adapt)"))
+    if c["stage"] == "dpo":
+        need(p["reference"] != "model", "dpo.reference", "is a second copy of the model, but with lora the "
+             "reference is the base without the adapters: use 'auto' or 'adapters_off' (or 'precomputed')")
     return errors

@@ -19,6 +19,8 @@ STR_OR_LIST = "str or list of str"
 MAPPING = "mapping"
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# The projections LoRA can adapt, by PEFT's module names (models/lora.py maps them onto the weights).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,17 @@ SCHEMA: dict[str, Any] = {
         "scan_layers": F(True, "stack the layers and scan them: compile time independent of depth"),
         "logits_chunk_size": F(0, "tokens per chunk for the LM head + log-softmax; 0 = no chunking"),
         "trust_remote_code": F(False, "passed to transformers when loading a model config / tokenizer"),
+    },
+    "lora": {
+        "enabled": F(False, "train low-rank adapters on the frozen base model instead of every weight"),
+        "rank": F(8, "adapter rank r"),
+        "alpha": F(16.0, "adapter scale numerator: scale = alpha / r (alpha / sqrt(r) with lora.rslora)"),
+        "dropout": F(0.0, "dropout on each adapter's input while training (PEFT's lora_dropout)"),
+        "targets": F(["all-linear"], "projections given adapters: any of " + ", ".join(LORA_TARGETS)
+                     + " (or q, k, v, o, gate, up, down), or all-linear"),
+        "rslora": F(False, "rank-stabilised scale alpha / sqrt(r)"),
+        "init": F("kaiming", "A's initialiser (B starts at 0): PEFT's Kaiming-uniform default, or gaussian (std 1/r)",
+                  ("kaiming", "gaussian")),
     },
     "tokenizer": {
         "path": F("", "tokenizer dir or hub id; '' = model.path"),
@@ -158,8 +171,9 @@ SCHEMA: dict[str, Any] = {
         "loss": F("sigmoid", "DPO loss variant (TRL semantics)", ("sigmoid", "ipo", "hinge", "robust")),
         "label_smoothing": F(0.0, "assumed preference-label noise (cDPO / robust DPO), in [0, 0.5)"),
         "sft_weight": F(0.0, "weight of an added NLL loss on the chosen completions"),
-        "reference": F("model", "frozen reference: a second model, or log-probs precomputed once",
-                       ("model", "precomputed")),
+        "reference": F("auto", "frozen reference: model = a second copy; adapters_off = with lora, the base "
+                       "without the adapters (no copy); precomputed = log-probs scored once; auto = "
+                       "adapters_off with lora, else model", ("auto", "model", "adapters_off", "precomputed")),
         "init_from": F("", "SFT run dir or checkpoint to start from (and use as reference)"),
         "overrides": F({}, "config keys set for the DPO stage of `jaxalign pipeline`, e.g. {train: {max_steps: 50}}"),
     },

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxalign.models import attention as attn
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.lora import LoraInputs, delta, dropped
 from jaxalign.models.params import params_of
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxalign.runtime.sharding import constrain
@@ -76,12 +77,13 @@ class Decoder(nnx.Module):
         return self.logits(self.hidden_states(tokens, positions, segment_ids)[0])
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                      segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                      lora: LoraInputs | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states [batch, length, embed], and the updated cache when given one.
 
         `positions` default to 0..length-1 and `segment_ids` to all ones (one sequence per row);
-        packed rows give each sequence its own segment id and positions restarting at 0.
+        packed rows give each sequence its own segment id and positions restarting at 0. `lora`:
+        low-rank adapters applied on top of the (frozen) weights (models/lora.py).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -100,18 +102,20 @@ class Decoder(nnx.Module):
             q_offset = cache.index
             mask = attn.attention_mask(segment_ids, kv_segment_ids, q_offset, self.cfg.sliding_window)
         layer = functools.partial(_layer, cfg=self.cfg, cos=cos, sin=sin, mask=mask, q_offset=q_offset,
-                                  impl=self.attention_impl, dtype=self.dtype)
+                                  impl=self.attention_impl, dtype=self.dtype,
+                                  lora_scale=lora.scale if lora else 0.0, lora_dropout=lora.dropout if lora else 0.0)
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
         params = {name: p.get_value() for name, p in self.layers.items()}
         layer_kv = (cache.k, cache.v) if cache is not None else None
+        # Per layer: weights, cache, adapters, dropout key (the last three may be None).
+        per_layer = (params, layer_kv, lora.adapters if lora else None, lora.keys if lora else None)
         if self.scan_layers:
-            x, new_kv = jax.lax.scan(lambda h, xs: layer(h, xs[0], xs[1]), x, (params, layer_kv))
+            x, new_kv = jax.lax.scan(lambda h, xs: layer(h, *xs), x, per_layer)
         else:
             outs = []
             for i in range(self.cfg.num_hidden_layers):
-                kv_i = None if layer_kv is None else jax.tree.map(lambda a: a[i], layer_kv)
-                x, kv_out = layer(x, jax.tree.map(lambda a: a[i], params), kv_i)
+                x, kv_out = layer(x, *jax.tree.map(lambda a: a[i], per_layer))
                 outs.append(kv_out)
             new_kv = None if layer_kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
         x = rms_norm(x, self.final_norm.get_value(), self.cfg.rms_norm_eps)
@@ -137,14 +141,25 @@ class Decoder(nnx.Module):
                        jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array] | None, *, cfg: ModelConfig,
-           cos, sin, mask, q_offset, impl: str, dtype) -> tuple[jax.Array, Any]:
+def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array] | None,
+           adapters: dict[str, dict[str, jax.Array]] | None, key: jax.Array | None, *, cfg: ModelConfig,
+           cos, sin, mask, q_offset, impl: str, dtype, lora_scale: float, lora_dropout: float) -> tuple[jax.Array, Any]:
     """One pre-norm decoder block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
     p = {name: w.astype(dtype) for name, w in p.items()}
+
+    def proj(spec: str, inp: jax.Array, name: str, index: int) -> jax.Array:
+        out = jnp.einsum(spec, inp, p[name])
+        if adapters is None or name not in adapters:
+            return out
+        ab = adapters[name]
+        drop_key = None if key is None else jax.random.fold_in(key, index)  # own mask per projection, as PEFT
+        return out + delta(dropped(inp, lora_dropout, drop_key), ab["a"].astype(dtype), ab["b"].astype(dtype),
+                           lora_scale)
+
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("bte,ehd->bthd", h, p["wq"])
-    k = jnp.einsum("bte,ehd->bthd", h, p["wk"])
-    v = jnp.einsum("bte,ehd->bthd", h, p["wv"])
+    q = proj("bte,ehd->bthd", h, "wq", 0)
+    k = proj("bte,ehd->bthd", h, "wk", 1)
+    v = proj("bte,ehd->bthd", h, "wv", 2)
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
@@ -155,12 +170,12 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, q_offset, 0, 0))
         kv = (k, v)
     out = attn.attention(q, k, v, mask, impl, causal=kv is None)
-    out = jnp.einsum("bthd,hde->bte", out, p["wo"])
+    out = proj("bthd,hde->bte", out, "wo", 3)
     if cfg.o_bias:
         out = out + p["bo"]
     x = constrain(x + out, ("batch", "length", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate = constrain(jnp.einsum("bte,em->btm", h, p["w_gate"]), ("batch", "length", "act_mlp"))
-    up = jnp.einsum("bte,em->btm", h, p["w_up"])
-    x = x + jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, p["w_down"])
+    gate = constrain(proj("bte,em->btm", h, "w_gate", 4), ("batch", "length", "act_mlp"))
+    up = proj("bte,em->btm", h, "w_up", 5)
+    x = x + proj("btm,me->bte", jax.nn.silu(gate) * up, "w_down", 6)
     return constrain(x, ("batch", "length", "act_embed")), kv

@@ -57,7 +57,7 @@ from jaxalign.models import ModelConfig
 from jaxalign.models.flops import matmul_params, train_step_flops
 from jaxalign.plan.memory import ACCELERATORS, USABLE_FRACTION, Accelerator, GiB, compiled_memory, estimate_memory
 from jaxalign.plan.step import AbstractStep, build_abstract_step
-from jaxalign.run.build import accumulation_steps
+from jaxalign.run.build import accumulation_steps, reference_kind
 from jaxalign.runtime.sharding import MESH_AXES, abstract_mesh, make_mesh, resolve_mesh_shape
 
 __all__ = ["ACCELERATORS", "GiB", "Plan", "add_cli", "build_abstract_step", "matmul_params", "parse_mesh", "plan"]
@@ -228,11 +228,12 @@ def _make_plan(cfg, step: AbstractStep, acc: Accelerator, shape, mfu: float, con
     mc = step.model_cfg
     rows, length = step.batch["tokens"].shape
     accum = accumulation_steps(cfg)
-    reference = cfg.dpo.reference if cfg.stage == "dpo" else None
+    reference = reference_kind(cfg)
     return Plan(config_path=config_path, accelerator=acc, mesh_shape=shape, model_cfg=mc, stage=cfg.stage,
                 reference=reference, rows=rows, micro_rows=rows // accum, length=length, remat=cfg.model.remat,
                 chunk=cfg.model.logits_chunk_size, memory=estimate_memory(cfg, step, acc),
-                flops=train_step_flops(mc, rows, length, live_reference=reference == "model"), mfu=mfu)
+                flops=train_step_flops(mc, rows, length, live_reference=reference in ("model", "adapters_off")),
+                mfu=mfu)
 
 
 def _shape_of(cfg, devices: int) -> dict[str, int]:
@@ -255,8 +256,13 @@ def candidate_changes(cfg, shape: dict[str, int]) -> list[tuple[str, list[str]]]
         out.append(("recompute each layer in the backward pass", ["model.remat=full"]))
     if cfg.model.logits_chunk_size == 0 or cfg.model.logits_chunk_size > 256:
         out.append(("compute the LM head 256 positions at a time", ["model.logits_chunk_size=256"]))
-    if cfg.stage == "dpo" and cfg.dpo.reference == "model":
+    if reference_kind(cfg) == "model":
         out.append(("precompute the reference log-probs (no second model in memory)", ["dpo.reference=precomputed"]))
+    if not cfg.lora.enabled and (cfg.model.path or (cfg.stage == "dpo" and cfg.dpo.init_from)):
+        out.append(("train LoRA adapters (rank 16) on the frozen model: no gradients or optimizer state for "
+                    "the base, and DPO's reference is the base itself",
+                    ["lora.enabled=true", "lora.rank=16", "lora.alpha=32"]
+                    + (["dpo.reference=auto"] if reference_kind(cfg) == "model" else [])))
     bs, per_pair = cfg.train.batch_size, 2 if cfg.stage == "dpo" else 1
     micro = cfg.train.micro_batch_size or bs
     dp = shape["data"] * shape["fsdp"]

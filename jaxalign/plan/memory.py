@@ -82,7 +82,9 @@ def activation_bytes(mc: ModelConfig, remat: str, rows: int, length: int, a: int
 
 def estimate_memory(cfg, step, accelerator: Accelerator) -> dict[str, float]:
     mesh, rules, mc = step.mesh, step.rules, step.model_cfg
-    params = shard_bytes(step.state.params, mesh)
+    trained = shard_bytes(step.state.params, mesh)  # the model, or LoRA's adapters
+    frozen = shard_bytes(step.frozen, mesh) if step.frozen is not None else 0
+    lora = cfg.lora.enabled
     accum_steps = accumulation_steps(cfg)
     rows = step.batch["tokens"].shape[0]
     length = step.batch["tokens"].shape[1]
@@ -99,10 +101,11 @@ def estimate_memory(cfg, step, accelerator: Accelerator) -> dict[str, float]:
     head_positions = min(chunk, length) if chunk > 0 else length
     logits = 3 * 4 * micro_rows_per_device * head_positions * mc.vocab_size / t_vocab
     memory = {
-        "params": params,
-        "reference": shard_bytes(step.ref_params, mesh) if step.ref_params is not None else 0,
-        "grads": params,
-        "accum": params if accum_steps > 1 else 0,
+        # LoRA: the frozen base plus the adapters; its reference is that base (adapters off), no copy.
+        "params": trained + (frozen if lora else 0),
+        "reference": 0 if lora else frozen,
+        "grads": trained,
+        "accum": trained if accum_steps > 1 else 0,
         "opt_state": shard_bytes(step.state.opt_state, mesh),
         "activations": acts["saved"],
         "layer": acts["layer"],

@@ -13,8 +13,16 @@ from flax import nnx
 from jaxalign.checkpoint import model_io
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model
-from jaxalign.run.build import accumulation_steps, build_train_state, initial_model_path, model_options
-from jaxalign.runtime.sharding import data_parallel_size, merged_rules, use_mesh
+from jaxalign.models.lora import adapter_axes, adapter_shapes
+from jaxalign.run.build import (
+    accumulation_steps,
+    build_train_state,
+    initial_model_path,
+    lora_spec,
+    model_options,
+    reference_kind,
+)
+from jaxalign.runtime.sharding import data_parallel_size, merged_rules, named_sharding, use_mesh
 from jaxalign.train.step import batch_shardings, jit_train_step
 
 
@@ -34,26 +42,27 @@ def batch_shapes(cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
     length = cfg.data.max_length
     shapes = {k: ((rows, length), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
     shapes["loss_mask"] = ((rows, length), np.bool_)
-    if cfg.stage == "dpo" and cfg.dpo.reference == "precomputed":
+    if reference_kind(cfg) == "precomputed":
         shapes["ref_logps"] = ((rows,), np.float32)
     return shapes
 
 
 @dataclasses.dataclass
 class AbstractStep:
-    """The jitted train step and abstract arguments (ShapeDtypeStructs with shardings)."""
+    """The jitted train step and abstract arguments (ShapeDtypeStructs with shardings). `frozen` is the
+    step's third argument: the live reference (dpo.reference: model) or LoRA's frozen base, else None."""
 
     jitted: Any
     state: Any
     batch: dict[str, jax.ShapeDtypeStruct]
-    ref_params: Any
+    frozen: Any
     model_cfg: ModelConfig
     mesh: Any
     rules: dict[str, Any]
 
     def trace(self):
         with use_mesh(self.mesh, self.rules):
-            return self.jitted.trace(self.state, self.batch, self.ref_params)
+            return self.jitted.trace(self.state, self.batch, self.frozen)
 
     def lower(self, platform: str | None = None):
         """Lowered for `platform` ('tpu', 'cuda', 'cpu'); None = the local backend."""
@@ -71,7 +80,11 @@ def build_abstract_step(cfg, mesh, total_steps: int = 1000) -> AbstractStep:
         graphdef, state, shardings = abstract_model(model_cfg, mesh, rules, **model_options(cfg))
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
-        train_state, state_shardings, step = build_train_state(cfg, mesh, graphdef, params, total_steps)
+        spec = lora_spec(cfg)
+        trained = params if spec is None else jax.tree.map(
+            lambda s, a: jax.ShapeDtypeStruct(s, np.float32, sharding=named_sharding(a, s, mesh, rules)),
+            adapter_shapes(model_cfg, spec), adapter_axes(model_cfg, spec), is_leaf=lambda x: isinstance(x, tuple))
+        train_state, state_shardings, step = build_train_state(cfg, mesh, graphdef, trained, total_steps)
         shapes = batch_shapes(cfg)
         rows, dp, accum = shapes["tokens"][0][0], data_parallel_size(mesh, rules), accumulation_steps(cfg)
         if (rows // accum) % dp:
@@ -83,7 +96,7 @@ def build_abstract_step(cfg, mesh, total_steps: int = 1000) -> AbstractStep:
                 f"use a multiple of {dp // math.gcd(dp, 2) if cfg.stage == 'dpo' else dp} per micro-batch")
         shards = batch_shardings({k: s for k, (s, _) in shapes.items()}, mesh)
         batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shards[k]) for k, (s, d) in shapes.items()}
-        ref = params if cfg.stage == "dpo" and cfg.dpo.reference == "model" else None
-        jitted = jit_train_step(step, state_shardings, shards, None if ref is None else jax.tree.map(
-            lambda x: x.sharding, ref))
-    return AbstractStep(jitted, train_state, batch, ref, model_cfg, mesh, rules)
+        frozen = params if spec is not None or reference_kind(cfg) == "model" else None
+        jitted = jit_train_step(step, state_shardings, shards, None if frozen is None else jax.tree.map(
+            lambda x: x.sharding, frozen))
+    return AbstractStep(jitted, train_state, batch, frozen, model_cfg, mesh, rules)

@@ -16,7 +16,8 @@ from jaxalign.checkpoint import model_io
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
-from jaxalign.runtime.sharding import MESH_AXES, make_mesh, merged_rules
+from jaxalign.models.lora import LoraSpec, adapter_axes, adapter_shapes, init_adapters, resolve_targets
+from jaxalign.runtime.sharding import MESH_AXES, make_mesh, merged_rules, named_sharding
 from jaxalign.train.optimizer import build_optimizer
 from jaxalign.train.step import Objective, TrainState, make_train_step
 
@@ -35,6 +36,34 @@ def objective_from_config(cfg) -> Objective:
     return Objective(stage=cfg.stage, chunk_size=cfg.model.logits_chunk_size, z_loss=cfg.sft.z_loss,
                      beta=cfg.dpo.beta, loss_type=cfg.dpo.loss, label_smoothing=cfg.dpo.label_smoothing,
                      sft_weight=cfg.dpo.sft_weight)
+
+
+def lora_spec(cfg) -> LoraSpec | None:
+    """The run's adapters (`lora:`), or None for full fine-tuning."""
+    lo = cfg.lora
+    if not lo.enabled:
+        return None
+    return LoraSpec(rank=lo.rank, alpha=float(lo.alpha), targets=resolve_targets(lo.targets), dropout=lo.dropout,
+                    rslora=lo.rslora, init=lo.init)
+
+
+def reference_kind(cfg) -> str | None:
+    """DPO's reference: "model" (a frozen copy), "adapters_off" (LoRA: the base itself, no copy) or
+    "precomputed" (log-probs scored once); None for SFT."""
+    if cfg.stage != "dpo":
+        return None
+    if cfg.dpo.reference == "auto":
+        return "adapters_off" if cfg.lora.enabled else "model"
+    return cfg.dpo.reference
+
+
+def init_lora_adapters(model_cfg: ModelConfig, spec: LoraSpec, mesh, rules, seed: int):
+    """Fresh adapters, born sharded by the rules table (A as its weight's input axes, B as its output)."""
+    shapes, axes = adapter_shapes(model_cfg, spec), adapter_axes(model_cfg, spec)
+    shardings = jax.tree.map(lambda names, shape: named_sharding(names, shape, mesh, rules), axes, shapes,
+                             is_leaf=lambda x: isinstance(x, tuple))
+    key = jax.random.fold_in(jax.random.key(seed), 0)  # stream 0: init; the step's dropout uses stream 1
+    return jax.jit(lambda: init_adapters(model_cfg, spec, key), out_shardings=shardings)()
 
 
 def model_options(cfg) -> dict[str, Any]:
@@ -119,8 +148,9 @@ class TrainSetup(NamedTuple):
 
 
 def build_train_state(cfg, mesh, graphdef, params, total_steps: int) -> TrainSetup:
-    """The optimizer state, the step counter and the stage's step for `params` (arrays, or abstract
-    ShapeDtypeStructs with shardings: then nothing is allocated)."""
+    """The optimizer state, the step counter and the stage's step for the trained `params` (the model's,
+    or with LoRA the adapters'; arrays, or abstract ShapeDtypeStructs with shardings: then nothing is
+    allocated)."""
     optimizer, schedule = build_optimizer(cfg.optimizer, total_steps)
     replicated = NamedSharding(mesh, PartitionSpec())
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
@@ -130,7 +160,8 @@ def build_train_state(cfg, mesh, graphdef, params, total_steps: int) -> TrainSet
         state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params, opt_state=opt)
     else:
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params))
-    step = make_train_step(graphdef, objective_from_config(cfg), optimizer, schedule, accumulation_steps(cfg))
+    step = make_train_step(graphdef, objective_from_config(cfg), optimizer, schedule, accumulation_steps(cfg),
+                           lora=lora_spec(cfg), seed=cfg.train.seed)
     return TrainSetup(state, jax.tree.map(lambda x: x.sharding, state), step)
 
 

@@ -32,8 +32,12 @@ from jaxalign.run.build import (
     build_model_and_tokenizer,
     build_train_state,
     check_model_source,
+    init_lora_adapters,
+    initial_model_path,
+    lora_spec,
     mesh_from_config,
     objective_from_config,
+    reference_kind,
 )
 from jaxalign.run.heldout import heldout_metrics, weight_key
 from jaxalign.run.lifecycle import check_run_dir
@@ -49,6 +53,16 @@ log = logging.getLogger(__name__)
 
 # The train step's `nonfinite` metric: which check refused the update.
 NONFINITE = {1: "non-finite loss or gradients", 2: "an update that would make the weights non-finite"}
+
+
+def check_policy_is_reference(metrics: dict) -> None:
+    """LoRA DPO's first step: fresh adapters (B = 0) must leave the policy equal to the reference (the
+    base, adapters off), so every implicit reward is 0. Anything else is a wiring error: stop loudly."""
+    rewards = {k: float(metrics[k]) for k in ("rewards/chosen", "rewards/rejected")}
+    if any(not abs(v) <= 1e-4 for v in rewards.values()):
+        raise JaxalignError(f"LoRA DPO step 1: the policy differs from its reference (the base with the adapters "
+                            f"off) before any update ({', '.join(f'{k}={v:.3g}' for k, v in rewards.items())}); "
+                            "fresh adapters must start with B = 0")
 
 
 class Trainer(RunCheckpoints):
@@ -78,6 +92,9 @@ class Trainer(RunCheckpoints):
         self.weight_key = weight_key(self.stage)
         model_cfg, self.tokenizer = checked
         self.model_cfg = model_cfg
+        # A LoRA run's base (path + fingerprint): recorded in RUN/model/, compared on --resume.
+        self.lora_base = model_io.lora_description(lora_spec(cfg), initial_model_path(cfg)) if cfg.lora.enabled \
+            else None
         self.pad_id = self.tokenizer.pad_id or 0
         manifest = agree("loading the data", lambda: self._load_data(model_cfg),
                          lambda m: {"data fingerprint": m["data"], "total steps": str(m["total_steps"])})
@@ -88,16 +105,21 @@ class Trainer(RunCheckpoints):
             self.graphdef, params = nnx.split(model)
             params = nnx.to_pure_dict(params)
             self.objective = objective_from_config(cfg)
+            self.lora = lora_spec(cfg)
+            self.reference = reference_kind(cfg)
             self.ref_params = None
-            if self.stage == "dpo":
-                if cfg.dpo.reference == "model":
-                    # A frozen copy: never donated, never updated.
-                    self.ref_params = jax.tree.map(jnp.copy, params)
-                else:
-                    self.precompute_reference(params)
+            if self.reference == "model":  # a frozen copy: never donated, never updated
+                self.ref_params = jax.tree.map(jnp.copy, params)
+            elif self.reference == "precomputed":
+                self.precompute_reference(params)
+            # What the step gets beside the trained weights: the live reference, or the base under LoRA's
+            # adapters (for DPO also the reference, adapters off). Never donated.
+            self.frozen_params = params if self.lora else self.ref_params
+            trained = init_lora_adapters(model_cfg, self.lora, self.mesh, self.rules, cfg.train.seed) \
+                if self.lora else params
             self.state, self.state_shardings, self.step_fn_raw = build_train_state(
-                cfg, self.mesh, self.graphdef, params, self.total_steps)
-            self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.objective))
+                cfg, self.mesh, self.graphdef, trained, self.total_steps)
+            self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.objective, self.lora))
             self._compiled: dict[tuple, Any] = {}
         self.metrics_log = MetricsLog(run)
         self.best: tuple[int, float] | None = None
@@ -123,7 +145,8 @@ class Trainer(RunCheckpoints):
         self.total_steps = self.planned_steps()
         return {"stage": cfg.stage, "architecture": model_cfg.to_dict(),
                 "tokenizer": tokenizer_fingerprint(self.tokenizer), "data": data,
-                "total_steps": self.total_steps, "config_hash": self.config_hash}
+                "total_steps": self.total_steps, "config_hash": self.config_hash,
+                "lora_base": self.lora_base and self.lora_base["base_fingerprint"]}
 
     def _write_run_files(self, overwrite: bool, model_cfg, source_dtype, manifest) -> None:
         """config.yaml, model/, data_stats.json, manifest.json and status `running` (process 0)."""
@@ -132,7 +155,7 @@ class Trainer(RunCheckpoints):
         lifecycle.replace_run_dir(self.run, overwrite)
         save_config(self.cfg, self.run / "config.yaml")
         model_io.write_model_description(self.run / model_io.RUN_MODEL_DIR, model_cfg, self.tokenizer,
-                                         source_dtype, self.cfg.model.param_dtype)
+                                         source_dtype, self.cfg.model.param_dtype, lora=self.lora_base)
         lifecycle.write_json_atomic(self.run / "data_stats.json", {k: v.to_dict() for k, v in self.data_stats.items()})
         lifecycle.write_json_atomic(self.run / lifecycle.MANIFEST_FILE, manifest)
         (self.run / "summary.json").unlink(missing_ok=True)  # of an earlier, unfinished attempt
@@ -193,7 +216,8 @@ class Trainer(RunCheckpoints):
     def compiled_step(self, batch):
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if key not in self._compiled:
-            ref_shardings = None if self.ref_params is None else jax.tree.map(lambda x: x.sharding, self.ref_params)
+            ref_shardings = None if self.frozen_params is None else jax.tree.map(lambda x: x.sharding,
+                                                                                 self.frozen_params)
             shards = batch_shardings({k: v.shape for k, v in batch.items()}, self.mesh)
             self._compiled[key] = jit_train_step(self.step_fn_raw, self.state_shardings, shards, ref_shardings)
         return self._compiled[key]
@@ -205,7 +229,7 @@ class Trainer(RunCheckpoints):
         if not self.eval_examples:
             return {}
         metrics = heldout_metrics(self.eval_fn, self.state.params if params is None else params, self.eval_examples,
-                                  self.cfg, self.mesh, self.rules, ref_params=self.ref_params,
+                                  self.cfg, self.mesh, self.rules, ref_params=self.frozen_params,
                                   max_batches=self.cfg.train.eval_batches, pad_id=self.pad_id)
         return {f"eval/{k}": v for k, v in metrics.items()}
 
@@ -234,13 +258,15 @@ class Trainer(RunCheckpoints):
             for step in range(start + 1, end + 1):
                 drawn = feed.take()
                 batch = drawn.arrays
-                self.state, metrics = self.compiled_step(batch)(self.state, batch, self.ref_params)
+                self.state, metrics = self.compiled_step(batch)(self.state, batch, self.frozen_params)
                 if step < end:
                     feed.prefetch()  # host work for the next step while the device runs this one
                 self.trained_position = position = drawn.position
                 rows, length = batch["tokens"].shape  # model FLOPs of the padded batch, as plan and MFU count them
                 pending.append({**metrics, "model_flops": train_step_flops(
-                    self.model_cfg, rows, length, live_reference=self.ref_params is not None)["total"]})
+                    self.model_cfg, rows, length, live_reference=self.reference in ("model", "adapters_off"))["total"]})
+                if step == 1 and self.lora and self.reference == "adapters_off":
+                    check_policy_is_reference(metrics)
                 kind = int(metrics["nonfinite"])
                 streak = streak + 1 if kind else 0
                 if kind:

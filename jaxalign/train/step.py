@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from jaxalign.models.logprobs import masked_sum, token_stats
+from jaxalign.models.lora import Adapted, LoraSpec
 from jaxalign.runtime.sharding import batch_sharding, constrain
 from jaxalign.train.losses import dpo_loss, sft_loss
 
@@ -93,17 +94,36 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def models_of(graphdef: nnx.GraphDef, params, frozen, batch: Batch, lora: LoraSpec | None = None, key=None):
+    """(policy, reference) the objective sees. Full fine-tuning: `params` are the model and `frozen` the
+    live reference's weights (or None). LoRA: `params` are the adapters, `frozen` the base they sit on,
+    and a DPO reference is that same base with the adapters off, unless the batch carries precomputed
+    reference log-probs."""
+    frozen_model = None if frozen is None else nnx.merge(graphdef, frozen)
+    if lora is None:
+        return nnx.merge(graphdef, params), frozen_model
+    reference = frozen_model if "ref_logps" not in batch else None
+    return Adapted(frozen_model, params, lora, key), reference
+
+
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, accum_steps: int = 1) -> Callable:
-    """step(state, batch, ref_params) -> (state, metrics). ref_params is None unless a live reference."""
+                    schedule: optax.Schedule, accum_steps: int = 1, lora: LoraSpec | None = None,
+                    seed: int = 0) -> Callable:
+    """step(state, batch, frozen) -> (state, metrics); `frozen` as `models_of` takes it. With LoRA dropout
+    each step (and micro-batch) draws its masks from (seed, step), so a resumed run draws the same ones."""
 
-    def step(state: TrainState, batch: Batch, ref_params=None):
+    def step(state: TrainState, batch: Batch, frozen=None):
         norms = objective.normalisers(batch)
-        ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
+        dropout = lora is not None and lora.dropout > 0
+        # Stream 1 of the seed (stream 0 initialised the adapters), then the step.
+        step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), state.step) if dropout else None
 
-        def micro_grads(mb: Batch):
+        def micro_grads(mb: Batch, index=0):
+            key = None if step_key is None else jax.random.fold_in(step_key, index)
+
             def loss_fn(params):
-                return objective(nnx.merge(graphdef, params), mb, norms, ref_model)
+                model, reference = models_of(graphdef, params, frozen, mb, lora, key)
+                return objective(model, mb, norms, reference)
 
             return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
@@ -112,13 +132,15 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, optimizer: opt
         else:
             micro = split_micro_batches(batch, accum_steps, paired=objective.stage == "dpo")
 
-            def body(acc, mb):
+            def body(acc, xs):
+                mb, index = xs
                 mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
-                (loss, metrics), grads = micro_grads(mb)
+                (loss, metrics), grads = micro_grads(mb, index)
                 return jax.tree.map(jnp.add, acc, (loss, metrics, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], micro)))
-            (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
+            (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]),
+                                                     (micro, jnp.arange(accum_steps)))
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -141,13 +163,13 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, optimizer: opt
     return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, objective: Objective) -> Callable:
-    """eval(params, batch, ref_params) -> metrics of the batch (same definitions as training)."""
+def make_eval_step(graphdef: nnx.GraphDef, objective: Objective, lora: LoraSpec | None = None) -> Callable:
+    """eval(params, batch, frozen) -> metrics of the batch (same definitions as training; no dropout)."""
 
-    def evaluate(params, batch: Batch, ref_params=None):
+    def evaluate(params, batch: Batch, frozen=None):
         norms = objective.normalisers(batch)
-        ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
-        loss, metrics = objective(nnx.merge(graphdef, params), batch, norms, ref_model)
+        model, reference = models_of(graphdef, params, frozen, batch, lora)
+        loss, metrics = objective(model, batch, norms, reference)
         return {**metrics, "loss": loss, **{f"num_{k}": v for k, v in norms.items()}}
 
     return evaluate
