@@ -172,3 +172,22 @@ def test_targets_are_checked_by_name():
         lora.resolve_targets(["q_prj"])
     with pytest.raises(JaxalignError, match="empty"):
         lora.resolve_targets([])
+
+
+def test_dropout_is_inverted_dropout_drawn_from_the_key(tmp_path, mesh1):
+    """PEFT's lora_dropout: each kept input scaled by 1/(1-p); the masks come from the key alone (a resumed
+    step draws the same ones), and without a key (evaluation) there is none."""
+    x = jnp.ones((4000,))
+    y = np.asarray(lora.dropped(x, 0.25, jax.random.key(0)))
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.75], rtol=1e-6)
+    assert abs((y == 0).mean() - 0.25) < 0.03
+    np.testing.assert_array_equal(lora.dropped(x, 0.25, None), x)
+    _hf_model("llama", tmp_path / "base")
+    spec = lora.LoraSpec(rank=4, alpha=8.0, targets=lora.resolve_targets(["all-linear"]), dropout=0.3)
+    with use_mesh(mesh1):
+        ours = model_io.load_model(tmp_path / "base", mesh1)
+        adapters = jax.tree.map(lambda a: a + 0.05, lora.init_adapters(ours.cfg, spec, jax.random.key(3)))
+        run = lambda key: np.asarray(lora.Adapted(ours, adapters, spec, key)(jnp.asarray(TOKENS)))  # noqa: E731
+        np.testing.assert_array_equal(run(jax.random.key(1)), run(jax.random.key(1)))
+        assert np.abs(run(jax.random.key(1)) - run(jax.random.key(2))).max() > 1e-3
+        assert np.abs(run(jax.random.key(1)) - run(None)).max() > 1e-3
