@@ -237,12 +237,7 @@ def _peft_base(path: Path) -> Path:
 
 
 def _restore_adapters(path: Path, cfg: ModelConfig, spec: lora_lib.LoraSpec, mesh: Mesh, rules) -> dict:
-    from jaxalign.runtime.sharding import named_sharding
-
-    shapes, axes = lora_lib.adapter_shapes(cfg, spec), lora_lib.adapter_axes(cfg, spec)
-    target = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(s, jax.numpy.float32,
-                                                            sharding=named_sharding(a, s, mesh, rules)),
-                          shapes, axes, is_leaf=lambda x: isinstance(x, tuple))
+    target = lora_lib.abstract_adapters(cfg, spec, mesh, rules)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(paths.absolute(path / PARAMS_DIR), target)

@@ -28,13 +28,14 @@ from jaxalign.config.schema import LORA_TARGETS
 from jaxalign.errors import JaxalignError
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.params import PARAMS, Param
+from jaxalign.runtime.sharding import named_sharding
 
 # PEFT's module names -> this model's weights, in checkpoint order; "all-linear" is all of them
 # (PEFT's all-linear leaves out the LM head, as here).
 TARGETS = dict(zip(LORA_TARGETS, ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")))
 SHORT_NAMES = {name.split("_")[0]: name for name in TARGETS}  # q, k, v, o, gate, up, down
 RANK_AXIS = "lora_rank"
-_BY_NAME = {p.name: p for p in PARAMS}
+BY_NAME = {p.name: p for p in PARAMS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _split(p: Param, cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]
 def adapter_shapes(cfg: ModelConfig, spec: LoraSpec) -> dict[str, dict[str, tuple[int, ...]]]:
     out = {}
     for name in spec.targets:
-        ins, outs, _, _ = _split(_BY_NAME[name], cfg)
+        ins, outs, _, _ = _split(BY_NAME[name], cfg)
         out[name] = {"a": (cfg.num_hidden_layers, *ins, spec.rank), "b": (cfg.num_hidden_layers, spec.rank, *outs)}
     return out
 
@@ -93,9 +94,15 @@ def adapter_shapes(cfg: ModelConfig, spec: LoraSpec) -> dict[str, dict[str, tupl
 def adapter_axes(cfg: ModelConfig, spec: LoraSpec) -> dict[str, dict[str, tuple[str, ...]]]:
     out = {}
     for name in spec.targets:
-        _, _, in_axes, out_axes = _split(_BY_NAME[name], cfg)
+        _, _, in_axes, out_axes = _split(BY_NAME[name], cfg)
         out[name] = {"a": ("layers", *in_axes, RANK_AXIS), "b": ("layers", RANK_AXIS, *out_axes)}
     return out
+
+
+def abstract_adapters(cfg: ModelConfig, spec: LoraSpec, mesh, rules=None) -> dict[str, dict[str, Any]]:
+    """The adapters as fp32 ShapeDtypeStructs placed by the rules table (what init, restore and plan target)."""
+    return jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(s, jnp.float32, sharding=named_sharding(a, s, mesh, rules)),
+                        adapter_shapes(cfg, spec), adapter_axes(cfg, spec), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def init_adapters(cfg: ModelConfig, spec: LoraSpec, key: jax.Array, dtype=jnp.float32) -> dict[str, dict[str, Any]]:

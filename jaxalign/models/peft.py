@@ -16,13 +16,11 @@ import numpy as np
 
 from jaxalign.errors import JaxalignError
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.lora import TARGETS, LoraSpec, adapter_shapes, resolve_targets
-from jaxalign.models.params import PARAMS
+from jaxalign.models.lora import BY_NAME, TARGETS, LoraSpec, adapter_shapes, resolve_targets
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_BY_NAME = {p.name: p for p in PARAMS}
 
 
 def is_peft_dir(path) -> bool:
@@ -30,7 +28,7 @@ def is_peft_dir(path) -> bool:
 
 
 def _key(name: str, layer: int, which: str) -> str:
-    return _PREFIX + _BY_NAME[name].hf.format(i=layer).replace(".weight", f".lora_{which}.weight")
+    return _PREFIX + BY_NAME[name].hf.format(i=layer).replace(".weight", f".lora_{which}.weight")
 
 
 def to_peft_tensors(adapters: Mapping[str, Mapping[str, Any]], cfg: ModelConfig) -> dict[str, np.ndarray]:

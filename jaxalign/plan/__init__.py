@@ -57,7 +57,7 @@ from jaxalign.models import ModelConfig
 from jaxalign.models.flops import matmul_params, train_step_flops
 from jaxalign.plan.memory import ACCELERATORS, USABLE_FRACTION, Accelerator, GiB, compiled_memory, estimate_memory
 from jaxalign.plan.step import AbstractStep, build_abstract_step
-from jaxalign.run.build import accumulation_steps, reference_kind
+from jaxalign.run.build import accumulation_steps, has_reference_forward, reference_kind
 from jaxalign.runtime.sharding import MESH_AXES, abstract_mesh, make_mesh, resolve_mesh_shape
 
 __all__ = ["ACCELERATORS", "GiB", "Plan", "add_cli", "build_abstract_step", "matmul_params", "parse_mesh", "plan"]
@@ -232,8 +232,7 @@ def _make_plan(cfg, step: AbstractStep, acc: Accelerator, shape, mfu: float, con
     return Plan(config_path=config_path, accelerator=acc, mesh_shape=shape, model_cfg=mc, stage=cfg.stage,
                 reference=reference, rows=rows, micro_rows=rows // accum, length=length, remat=cfg.model.remat,
                 chunk=cfg.model.logits_chunk_size, memory=estimate_memory(cfg, step, acc),
-                flops=train_step_flops(mc, rows, length, live_reference=reference in ("model", "adapters_off")),
-                mfu=mfu)
+                flops=train_step_flops(mc, rows, length, live_reference=has_reference_forward(reference)), mfu=mfu)
 
 
 def _shape_of(cfg, devices: int) -> dict[str, int]:

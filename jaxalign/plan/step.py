@@ -13,7 +13,7 @@ from flax import nnx
 from jaxalign.checkpoint import model_io
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model
-from jaxalign.models.lora import adapter_axes, adapter_shapes
+from jaxalign.models.lora import abstract_adapters
 from jaxalign.run.build import (
     accumulation_steps,
     build_train_state,
@@ -22,7 +22,7 @@ from jaxalign.run.build import (
     model_options,
     reference_kind,
 )
-from jaxalign.runtime.sharding import data_parallel_size, merged_rules, named_sharding, use_mesh
+from jaxalign.runtime.sharding import data_parallel_size, merged_rules, use_mesh
 from jaxalign.train.step import batch_shardings, jit_train_step
 
 
@@ -81,9 +81,7 @@ def build_abstract_step(cfg, mesh, total_steps: int = 1000) -> AbstractStep:
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
         spec = lora_spec(cfg)
-        trained = params if spec is None else jax.tree.map(
-            lambda s, a: jax.ShapeDtypeStruct(s, np.float32, sharding=named_sharding(a, s, mesh, rules)),
-            adapter_shapes(model_cfg, spec), adapter_axes(model_cfg, spec), is_leaf=lambda x: isinstance(x, tuple))
+        trained = params if spec is None else abstract_adapters(model_cfg, spec, mesh, rules)
         train_state, state_shardings, step = build_train_state(cfg, mesh, graphdef, trained, total_steps)
         shapes = batch_shapes(cfg)
         rows, dp, accum = shapes["tokens"][0][0], data_parallel_size(mesh, rules), accumulation_steps(cfg)

@@ -16,8 +16,8 @@ from jaxalign.checkpoint import model_io
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
-from jaxalign.models.lora import LoraSpec, adapter_axes, adapter_shapes, init_adapters, resolve_targets
-from jaxalign.runtime.sharding import MESH_AXES, make_mesh, merged_rules, named_sharding
+from jaxalign.models.lora import LoraSpec, abstract_adapters, init_adapters, resolve_targets
+from jaxalign.runtime.sharding import MESH_AXES, make_mesh, merged_rules
 from jaxalign.train.optimizer import build_optimizer
 from jaxalign.train.step import Objective, TrainState, make_train_step
 
@@ -57,11 +57,14 @@ def reference_kind(cfg) -> str | None:
     return cfg.dpo.reference
 
 
+def has_reference_forward(reference: str | None) -> bool:
+    """Whether each step runs a reference forward pass (a live copy, or the base with adapters off)."""
+    return reference in ("model", "adapters_off")
+
+
 def init_lora_adapters(model_cfg: ModelConfig, spec: LoraSpec, mesh, rules, seed: int):
     """Fresh adapters, born sharded by the rules table (A as its weight's input axes, B as its output)."""
-    shapes, axes = adapter_shapes(model_cfg, spec), adapter_axes(model_cfg, spec)
-    shardings = jax.tree.map(lambda names, shape: named_sharding(names, shape, mesh, rules), axes, shapes,
-                             is_leaf=lambda x: isinstance(x, tuple))
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_adapters(model_cfg, spec, mesh, rules))
     key = jax.random.fold_in(jax.random.key(seed), 0)  # stream 0: init; the step's dropout uses stream 1
     return jax.jit(lambda: init_adapters(model_cfg, spec, key), out_shardings=shardings)()
 

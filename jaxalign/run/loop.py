@@ -32,6 +32,7 @@ from jaxalign.run.build import (
     build_model_and_tokenizer,
     build_train_state,
     check_model_source,
+    has_reference_forward,
     init_lora_adapters,
     initial_model_path,
     lora_spec,
@@ -92,9 +93,10 @@ class Trainer(RunCheckpoints):
         self.weight_key = weight_key(self.stage)
         model_cfg, self.tokenizer = checked
         self.model_cfg = model_cfg
+        self.lora = lora_spec(cfg)
+        self.reference = reference_kind(cfg)
         # A LoRA run's base (path + fingerprint): recorded in RUN/model/, compared on --resume.
-        self.lora_base = model_io.lora_description(lora_spec(cfg), initial_model_path(cfg)) if cfg.lora.enabled \
-            else None
+        self.lora_base = model_io.lora_description(self.lora, initial_model_path(cfg)) if self.lora else None
         self.pad_id = self.tokenizer.pad_id or 0
         manifest = agree("loading the data", lambda: self._load_data(model_cfg),
                          lambda m: {"data fingerprint": m["data"], "total steps": str(m["total_steps"])})
@@ -105,8 +107,6 @@ class Trainer(RunCheckpoints):
             self.graphdef, params = nnx.split(model)
             params = nnx.to_pure_dict(params)
             self.objective = objective_from_config(cfg)
-            self.lora = lora_spec(cfg)
-            self.reference = reference_kind(cfg)
             self.ref_params = None
             if self.reference == "model":  # a frozen copy: never donated, never updated
                 self.ref_params = jax.tree.map(jnp.copy, params)
@@ -264,7 +264,7 @@ class Trainer(RunCheckpoints):
                 self.trained_position = position = drawn.position
                 rows, length = batch["tokens"].shape  # model FLOPs of the padded batch, as plan and MFU count them
                 pending.append({**metrics, "model_flops": train_step_flops(
-                    self.model_cfg, rows, length, live_reference=self.reference in ("model", "adapters_off"))["total"]})
+                    self.model_cfg, rows, length, live_reference=has_reference_forward(self.reference))["total"]})
                 if step == 1 and self.lora and self.reference == "adapters_off":
                     check_policy_is_reference(metrics)
                 kind = int(metrics["nonfinite"])
