@@ -51,7 +51,7 @@ def _export_peft(args) -> int:
     try:
         import jax
 
-        from jaxalign.checkpoint import model_io
+        from jaxalign.checkpoint import lora_io, model_io
         from jaxalign.models import peft
         from jaxalign.runtime import paths
         from jaxalign.runtime.sharding import make_mesh
@@ -59,7 +59,7 @@ def _export_peft(args) -> int:
         out = paths.as_path(args.out)
         if out.exists() and any(out.iterdir()):
             raise JaxalignError(f"output directory {out} is not empty; choose a new or empty directory")
-        spec, adapters, base = model_io.load_adapters(args.ckpt, make_mesh({"fsdp": -1}))
+        spec, adapters, base = lora_io.load_adapters(args.ckpt, make_mesh({"fsdp": -1}))
         base = args.base_model or base
         peft.write_peft_dir(out, jax.device_get(adapters), model_io.load_model_config(args.ckpt), spec, str(base))
         tokenizer = model_io.model_tokenizer(args.ckpt)

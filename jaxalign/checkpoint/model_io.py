@@ -15,7 +15,6 @@ downloaded (config, safetensors) to local disk first, since safetensors are memo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ from jax.sharding import Mesh
 
 from jaxalign.checkpoint.store import mismatch_message, saved_tensors
 from jaxalign.errors import JaxalignError
-from jaxalign.models import Decoder, ModelConfig, abstract_model, lora as lora_lib, peft
+from jaxalign.models import Decoder, ModelConfig, abstract_model, peft
 from jaxalign.models.hf import dir_listing, hf_source_dtype, is_hf_model_file, load_hf_state
 from jaxalign.runtime import paths
 from jaxalign.runtime.paths import Path, PathLike
@@ -103,6 +102,20 @@ def detect_model_format(path: PathLike) -> str:
         f"model checkpoint ({MODEL_FILE} + {PARAMS_DIR}/); it contains: {dir_listing(path)}")
 
 
+def lora_meta(path: Path) -> dict[str, Any] | None:
+    """A LoRA run's description of its adapters and base (checkpoint/lora_io.py), or None."""
+    return _read_meta(path).get("lora") if detect_model_format(path) == "jaxalign" else None
+
+
+def peft_base(path: Path) -> Path:
+    """The base model a PEFT adapter directory names (base_model_name_or_path), which must be local."""
+    base = json.loads((path / peft.CONFIG_FILE).read_text()).get("base_model_name_or_path") or ""
+    if not base or not paths.exists(base):
+        raise JaxalignError(f"{path / peft.CONFIG_FILE}: base_model_name_or_path {base!r} is not a local model "
+                            "directory; point it at the base model the adapters were trained on")
+    return resolve_model_path(base)
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     meta = json.loads((_meta_dir(path) / MODEL_FILE).read_text())
     version = meta.get("format_version")
@@ -113,7 +126,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _readable(path: Path):
+def readable(path: Path):
     """Turn a library's error on a damaged file (truncated safetensors, broken JSON) into a JaxalignError
     naming the model directory."""
     try:
@@ -128,9 +141,9 @@ def _readable(path: Path):
 
 def load_model_config(path: PathLike) -> ModelConfig:
     path = resolve_model_path(path)
-    with _readable(path):
+    with readable(path):
         if detect_model_format(path) == "peft":
-            return load_model_config(_peft_base(path))
+            return load_model_config(peft_base(path))
         if detect_model_format(path) == "hf":
             config = path / "config.json"  # detect_model_format found it
             return ModelConfig.from_hf_dict(json.loads(config.read_text()), source=str(config))
@@ -140,9 +153,9 @@ def load_model_config(path: PathLike) -> ModelConfig:
 def source_dtype(path: PathLike) -> str | None:
     """The dtype the model was originally published in (what an HF export writes by default)."""
     path = resolve_model_path(path)
-    with _readable(path):
+    with readable(path):
         if detect_model_format(path) == "peft":
-            return source_dtype(_peft_base(path))
+            return source_dtype(peft_base(path))
         if detect_model_format(path) == "hf":
             return hf_source_dtype(path)
         return _read_meta(path).get("source_dtype")
@@ -158,101 +171,16 @@ def load_model(path: PathLike, mesh: Mesh, rules: Mapping[str, Any] | None = Non
     path = resolve_model_path(path)
     cfg = load_model_config(path)
     kind = detect_model_format(path)
-    if kind == "peft":
-        with _readable(path):
-            spec, adapters, _ = peft.read_peft_dir(path, cfg)
-        return _merged(load_model(_peft_base(path), mesh, rules, **options), adapters, spec)
-    lora = _read_meta(path).get("lora") if kind == "jaxalign" else None
-    if lora:
-        base = load_model(_checked_base(path, lora), mesh, rules, **options)
-        spec = lora_spec_of(lora)
-        return _merged(base, _restore_adapters(path, base.cfg, spec, mesh, rules), spec)
+    if kind == "peft" or lora_meta(path):
+        from jaxalign.checkpoint import lora_io  # it loads the base through this function
+
+        return lora_io.load_merged(path, mesh, rules, **options)
     graphdef, abstract, shardings = abstract_model(cfg, mesh, rules, **options)
     if kind == "hf":
-        with _readable(path), paths.downloaded(path, keep=is_hf_model_file) as local:
+        with readable(path), paths.downloaded(path, keep=is_hf_model_file) as local:
             state = load_hf_state(local, cfg, shardings, options.get("param_dtype", "float32"))
     else:
         state = _restore_params(path, abstract, shardings)
-    return nnx.merge(graphdef, state)
-
-
-# --- LoRA runs and PEFT adapters: a base model plus adapters, loaded merged ---------------------
-
-def lora_description(spec: lora_lib.LoraSpec, base: PathLike) -> dict[str, Any]:
-    """What MODEL_FILE records of a LoRA run: the adapters and the base (resolved path + fingerprint)."""
-    base = resolve_model_path(base)
-    return {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "dropout": spec.dropout,
-            "rslora": spec.rslora, "init": spec.init, "base": str(paths.absolute(base)),
-            "base_fingerprint": model_fingerprint(base)}
-
-
-def lora_spec_of(description: Mapping[str, Any]) -> lora_lib.LoraSpec:
-    return lora_lib.LoraSpec(rank=description["rank"], alpha=description["alpha"],
-                             targets=tuple(description["targets"]), dropout=description["dropout"],
-                             rslora=description["rslora"], init=description["init"])
-
-
-def model_fingerprint(path: PathLike) -> str:
-    """Identity of the weights a model path resolves to, cheap on a large model: every file's name and
-    size, and the bytes at its start and end (so retrained weights of the same shapes differ)."""
-    path = resolve_model_path(path)
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        size = f.stat().st_size
-        digest.update(f"{f.relative_to(path)}:{size}:".encode())
-        with f.open("rb") as fh:
-            digest.update(fh.read(1 << 16))
-            if size > 1 << 17:
-                fh.seek(size - (1 << 16))
-                digest.update(fh.read())
-    return digest.hexdigest()[:16]
-
-
-def load_adapters(path: PathLike, mesh: Mesh, rules: Mapping[str, Any] | None = None):
-    """A LoRA run's (or step's) adapters, not merged: (spec, adapters, base model path)."""
-    path = resolve_model_path(path)
-    lora = _read_meta(path).get("lora") if detect_model_format(path) == "jaxalign" else None
-    if not lora:
-        raise JaxalignError(f"{path} holds full weights, not LoRA adapters (its run did not set lora.enabled)")
-    spec = lora_spec_of(lora)
-    return spec, _restore_adapters(path, load_model_config(path), spec, mesh, rules), _checked_base(path, lora)
-
-
-def _checked_base(path: Path, lora: Mapping[str, Any]) -> str:
-    base = lora["base"]
-    if not paths.exists(base):
-        raise JaxalignError(f"{path}: its adapters were trained on {base}, which no longer exists")
-    if model_fingerprint(base) != lora["base_fingerprint"]:
-        raise JaxalignError(f"{path}: its adapters were trained on {base}, whose weights have changed since "
-                            f"(fingerprint {model_fingerprint(base)}, recorded {lora['base_fingerprint']})")
-    return base
-
-
-def _peft_base(path: Path) -> Path:
-    base = json.loads((path / peft.CONFIG_FILE).read_text()).get("base_model_name_or_path") or ""
-    if not base or not paths.exists(base):
-        raise JaxalignError(f"{path / peft.CONFIG_FILE}: base_model_name_or_path {base!r} is not a local model "
-                            "directory; point it at the base model the adapters were trained on")
-    return resolve_model_path(base)
-
-
-def _restore_adapters(path: Path, cfg: ModelConfig, spec: lora_lib.LoraSpec, mesh: Mesh, rules) -> dict:
-    target = lora_lib.abstract_adapters(cfg, spec, mesh, rules)
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(paths.absolute(path / PARAMS_DIR), target)
-    except Exception as e:
-        raise JaxalignError(mismatch_message(path, saved_tensors(path / PARAMS_DIR), target, e)
-                            + " (LoRA adapters)") from e
-
-
-def _merged(model: Decoder, adapters, spec: lora_lib.LoraSpec) -> Decoder:
-    """The base with W + scale * A B folded in, each weight keeping its sharding."""
-    graphdef, state = nnx.split(model)
-    pure = nnx.to_pure_dict(state)
-    shardings = jax.tree.map(lambda x: x.sharding, pure)
-    merged = jax.jit(lora_lib.merge, static_argnums=2, out_shardings=shardings)(pure, adapters, spec.scale)
-    nnx.replace_by_pure_dict(state, merged)
     return nnx.merge(graphdef, state)
 
 
@@ -329,7 +257,7 @@ def _tokenizer_dir(path: Path) -> Path:
     else its base's."""
     kind = detect_model_format(path)
     if kind == "peft":
-        return path if has_tokenizer(path) else _tokenizer_dir(_peft_base(path))
+        return path if has_tokenizer(path) else _tokenizer_dir(peft_base(path))
     return path if kind == "hf" else _meta_dir(path) / TOKENIZER_DIR
 
 

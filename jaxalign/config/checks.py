@@ -121,10 +121,14 @@ def _lora_errors(c: dict, need) -> list[tuple[str, str]]:
     if not lo["enabled"]:
         need(p["reference"] != "adapters_off", "dpo.reference", "needs lora.enabled=true (it is the base model "
              "without its adapters)")
+        need(lo["quantize"] == "none", "lora.quantize", "quantises the frozen base under adapters: it needs "
+             "lora.enabled=true")
         return errors
     need(lo["rank"] >= 1, "lora.rank", "must be >= 1")
     need(lo["alpha"] > 0, "lora.alpha", "must be > 0")
     need(0.0 <= lo["dropout"] < 1.0, "lora.dropout", "must be in [0, 1)")
+    need(lo["quant_block_size"] >= 1, "lora.quant_block_size", "must be >= 1")
+    need(lo["quantize"] == "nf4" or not lo["double_quant"], "lora.double_quant", "applies to lora.quantize=nf4 only")
     valid = [*LORA_TARGETS, *(t.split("_")[0] for t in LORA_TARGETS), "all-linear"]
     for name in lo["targets"]:
         if name not in valid:

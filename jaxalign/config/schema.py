@@ -75,6 +75,10 @@ SCHEMA: dict[str, Any] = {
         "rslora": F(False, "rank-stabilised scale alpha / sqrt(r)"),
         "init": F("kaiming", "A's initialiser (B starts at 0): PEFT's Kaiming-uniform default, or gaussian (std 1/r)",
                   ("kaiming", "gaussian")),
+        "quantize": F("none", "store the frozen base's projections quantised (QLoRA): nf4 (4-bit NormalFloat, "
+                      "block-wise absmax scales) or int8 (per output feature)", ("none", "int8", "nf4")),
+        "quant_block_size": F(64, "nf4: input features per absmax scale"),
+        "double_quant": F(False, "nf4: quantise the absmax scales again (int8), ~0.37 bits/weight less"),
     },
     "tokenizer": {
         "path": F("", "tokenizer dir or hub id; '' = model.path"),

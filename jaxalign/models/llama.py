@@ -18,6 +18,7 @@ from jaxalign.models import attention as attn
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.lora import LoraInputs, delta, dropped
 from jaxalign.models.params import params_of
+from jaxalign.models.quant import as_dense
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxalign.runtime.sharding import constrain
 
@@ -145,7 +146,7 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array
            adapters: dict[str, dict[str, jax.Array]] | None, key: jax.Array | None, *, cfg: ModelConfig,
            cos, sin, mask, q_offset, impl: str, dtype, lora_scale: float, lora_dropout: float) -> tuple[jax.Array, Any]:
     """One pre-norm decoder block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
-    p = {name: w.astype(dtype) for name, w in p.items()}
+    p = {name: as_dense(w, dtype) for name, w in p.items()}  # a QLoRA base's projections: dequantised here
 
     def proj(spec: str, inp: jax.Array, name: str, index: int) -> jax.Array:
         out = jnp.einsum(spec, inp, p[name])

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models import ModelConfig
@@ -48,8 +49,18 @@ def shard_bytes(tree, mesh) -> int:
         shape = list(leaf.shape)
         for dim, entry in enumerate(spec):
             shape[dim] = -(-shape[dim] // math.prod(mesh.shape[a] for a in sharding_lib.axes_tuple(entry)))
-        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+        total += math.prod(shape) * dtype_bits(leaf.dtype) // 8
     return total
+
+
+def dtype_bits(dtype) -> int:
+    """Bits per element as XLA stores it (int4/uint4 are packed two to a byte)."""
+    for info in (jnp.iinfo, jnp.finfo):
+        try:
+            return info(dtype).bits
+        except ValueError:
+            pass
+    return np.dtype(dtype).itemsize * 8
 
 
 def _dtype_bytes(name: str) -> int:

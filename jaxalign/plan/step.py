@@ -14,12 +14,14 @@ from jaxalign.checkpoint import model_io
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model
 from jaxalign.models.lora import abstract_adapters
+from jaxalign.models.quant import abstract_quantized
 from jaxalign.run.build import (
     accumulation_steps,
     build_train_state,
     initial_model_path,
     lora_spec,
     model_options,
+    quant_spec,
     reference_kind,
 )
 from jaxalign.runtime.sharding import data_parallel_size, merged_rules, use_mesh
@@ -95,6 +97,8 @@ def build_abstract_step(cfg, mesh, total_steps: int = 1000) -> AbstractStep:
         shards = batch_shardings({k: s for k, (s, _) in shapes.items()}, mesh)
         batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shards[k]) for k, (s, d) in shapes.items()}
         frozen = params if spec is not None or reference_kind(cfg) == "model" else None
+        if quant_spec(cfg):
+            frozen = abstract_quantized(params, model_cfg, quant_spec(cfg), mesh, rules)
         jitted = jit_train_step(step, state_shardings, shards, None if frozen is None else jax.tree.map(
             lambda x: x.sharding, frozen))
     return AbstractStep(jitted, train_state, batch, frozen, model_cfg, mesh, rules)

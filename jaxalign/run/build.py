@@ -17,6 +17,7 @@ from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.models.lora import LoraSpec, abstract_adapters, init_adapters, resolve_targets
+from jaxalign.models.quant import QuantSpec
 from jaxalign.runtime.sharding import MESH_AXES, make_mesh, merged_rules
 from jaxalign.train.optimizer import build_optimizer
 from jaxalign.train.step import Objective, TrainState, make_train_step
@@ -45,6 +46,14 @@ def lora_spec(cfg) -> LoraSpec | None:
         return None
     return LoraSpec(rank=lo.rank, alpha=float(lo.alpha), targets=resolve_targets(lo.targets), dropout=lo.dropout,
                     rslora=lo.rslora, init=lo.init)
+
+
+def quant_spec(cfg) -> QuantSpec | None:
+    """How a LoRA run stores its frozen base (`lora.quantize`), or None to keep it as loaded."""
+    lo = cfg.lora
+    if not lo.enabled or lo.quantize == "none":
+        return None
+    return QuantSpec(lo.quantize, lo.quant_block_size, lo.double_quant)
 
 
 def reference_kind(cfg) -> str | None:

@@ -20,13 +20,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxalign.checkpoint import model_io
+from jaxalign.checkpoint import lora_io, model_io
 from jaxalign.checkpoint.store import RunCheckpointer
 from jaxalign.config import save_config
 from jaxalign.data.iterator import make_iterator, to_global_arrays
 from jaxalign.data.prefetch import Position, Prefetcher
 from jaxalign.errors import JaxalignError
 from jaxalign.models.flops import train_step_flops
+from jaxalign.models.quant import quantize_base
 from jaxalign.run import lifecycle
 from jaxalign.run.build import (
     build_model_and_tokenizer,
@@ -38,6 +39,7 @@ from jaxalign.run.build import (
     lora_spec,
     mesh_from_config,
     objective_from_config,
+    quant_spec,
     reference_kind,
 )
 from jaxalign.run.heldout import heldout_metrics, weight_key
@@ -94,9 +96,10 @@ class Trainer(RunCheckpoints):
         model_cfg, self.tokenizer = checked
         self.model_cfg = model_cfg
         self.lora = lora_spec(cfg)
+        self.quant = quant_spec(cfg)  # QLoRA: how the frozen base is stored
         self.reference = reference_kind(cfg)
         # A LoRA run's base (path + fingerprint): recorded in RUN/model/, compared on --resume.
-        self.lora_base = model_io.lora_description(self.lora, initial_model_path(cfg)) if self.lora else None
+        self.lora_base = lora_io.lora_description(self.lora, initial_model_path(cfg), self.quant) if self.lora else None
         self.pad_id = self.tokenizer.pad_id or 0
         manifest = agree("loading the data", lambda: self._load_data(model_cfg),
                          lambda m: {"data fingerprint": m["data"], "total steps": str(m["total_steps"])})
@@ -107,6 +110,8 @@ class Trainer(RunCheckpoints):
             self.graphdef, params = nnx.split(model)
             params = nnx.to_pure_dict(params)
             self.objective = objective_from_config(cfg)
+            if self.quant:  # before any reference is taken: adapters-off (or precomputed) is this base
+                params = quantize_base(params, model_cfg, self.quant, self.mesh, self.rules)
             self.ref_params = None
             if self.reference == "model":  # a frozen copy: never donated, never updated
                 self.ref_params = jax.tree.map(jnp.copy, params)

@@ -1,0 +1,132 @@
+"""A quantised frozen base for LoRA (QLoRA): every projection weight (q ... down, adapted or not, as
+QLoRA and bitsandbytes do; embeddings, norms and the LM head stay as loaded) is stored as
+
+    nf4   QLoRA's NormalFloat-4 codes, one fp32 absmax scale per block of `block_size` consecutive
+          input features of one output feature (bitsandbytes' blocks along a torch weight's rows);
+          with double quantisation the scales themselves are int8 (per output feature, qwix's min-max
+          over [0, max]: each scale within max/255).
+    int8  int8 codes with one fp32 absmax scale per output feature (weight-only).
+
+and dequantised to the compute dtype inside the scanned layer, one layer at a time. The arithmetic
+is qwix's (qwix.quantize / qwix.dequantize); this module only chooses the layout: each [L, in...,
+out...] weight is viewed as [L, IN, OUT] (the HF tensor's merged axes, untransposed), so blocks
+run over the flattened input features exactly as in the torch weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import qwix
+
+from jaxalign.errors import JaxalignError
+from jaxalign.models.config import ModelConfig
+from jaxalign.models.params import PARAMS, Param, _merge
+from jaxalign.runtime.sharding import named_sharding
+
+KINDS = ("none", "int8", "nf4")
+# The projections a quantised base stores quantised (all seven, whatever lora.targets adapts).
+QUANTIZED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+_PARAM = {p.name: p for p in PARAMS}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    kind: str  # "int8" or "nf4"
+    block_size: int = 64  # nf4: input features per absmax scale
+    double: bool = False  # nf4: the scales quantised again (int8)
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@flax.struct.dataclass
+class Quantized:
+    """One stacked weight, quantised: codes [L, IN, OUT] and their scales ([L, IN/block, OUT] for nf4,
+    [L, 1, OUT] for int8; a qwix QArray when double-quantised). Slicing the leading [L] axis (the
+    layer scan does) gives one layer's weight."""
+
+    codes: jax.Array
+    scale: Any
+    qtype: Any = flax.struct.field(pytree_node=False)
+    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # one layer's [in..., out...]
+
+    def dense(self, dtype) -> jax.Array:
+        scale = qwix.dequantize(self.scale) if isinstance(self.scale, qwix.QArray) else self.scale
+        w = qwix.dequantize(qwix.QArray(self.codes, scale, None, self.qtype))
+        return w.reshape(*w.shape[:-2], *self.shape).astype(dtype)
+
+
+def as_dense(w, dtype) -> jax.Array:
+    """A weight in the compute dtype, dequantised when it is stored quantised."""
+    return w.dense(dtype) if isinstance(w, Quantized) else w.astype(dtype)
+
+
+def _view(p: Param, cfg: ModelConfig) -> tuple[int, int]:
+    return _merge(p.shape(cfg), p.groups)  # (IN, OUT)
+
+
+def check_block_size(cfg: ModelConfig, spec: QuantSpec) -> None:
+    """nf4's blocks must tile every projection's input features."""
+    if spec.kind != "nf4":
+        return
+    for name in QUANTIZED:
+        n_in = _view(_PARAM[name], cfg)[0]
+        if n_in % spec.block_size:
+            raise JaxalignError(f"lora.quant_block_size={spec.block_size} does not divide {name}'s {n_in} input "
+                                "features; use a divisor of every projection's input size (64 is standard)")
+
+
+def quantize_weight(w: jax.Array, p: Param, cfg: ModelConfig, spec: QuantSpec) -> Quantized:
+    """[L, in..., out...] -> Quantized, one layer at a time (nf4's nearest-level search is 16 wide)."""
+    n_in, n_out = _view(p, cfg)
+    flat = w.reshape(w.shape[0], n_in, n_out)
+
+    def one(x):  # one layer [IN, OUT], in fp32 so the scales are fp32 (as bitsandbytes keeps them)
+        x = x.astype(jnp.float32)
+        if spec.kind == "nf4":
+            q = qwix.quantize(x, "nf4", channelwise_axes=(1,), tiled_axes={0: spec.block_size})
+        else:
+            q = qwix.quantize(x, jnp.int8, channelwise_axes=(1,))
+        return q.qvalue, q.scale
+
+    codes, scale = jax.lax.map(one, flat)
+    if spec.double:  # int8 scales, min-max per output feature of each layer
+        scale = qwix.quantize(scale, jnp.int8, channelwise_axes=(0, 2), calibration_method="minmax")
+    return Quantized(codes, scale, "nf4" if spec.kind == "nf4" else jnp.int8, p.shape(cfg))
+
+
+def abstract_quantized(params: dict[str, Any], cfg: ModelConfig, spec: QuantSpec, mesh, rules=None) -> dict[str, Any]:
+    """The quantised tree as ShapeDtypeStructs with shardings (what quantize_base makes and `plan` counts):
+    codes and scales take their weight's first input and first output axis names."""
+    check_block_size(cfg, spec)
+    layers = dict(params["layers"])
+    for name in QUANTIZED:
+        p = _PARAM[name]
+        axes = ("layers", p.axes[0], p.axes[p.groups[0]])
+        out = jax.eval_shape(lambda w, p=p: quantize_weight(w, p, cfg, spec), layers[name])
+        layers[name] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=named_sharding(axes, s.shape, mesh, rules)), out)
+    return {**params, "layers": layers}
+
+
+def quantize_base(params: dict[str, Any], cfg: ModelConfig, spec: QuantSpec, mesh, rules=None) -> dict[str, Any]:
+    """The pure parameter tree with its projections quantised, placed by the rules table."""
+    target = abstract_quantized(params, cfg, spec, mesh, rules)["layers"]
+    layers = dict(params["layers"])
+    for name in QUANTIZED:
+        shardings = jax.tree.map(lambda s: s.sharding, target[name])
+        layers[name] = jax.jit(lambda w, p=_PARAM[name]: quantize_weight(w, p, cfg, spec),
+                               out_shardings=shardings)(layers[name])
+    return {**params, "layers": layers}
+
+
+def dequantized(params: dict[str, Any], dtype=None) -> dict[str, Any]:
+    """A quantised tree back to dense weights (in `dtype`, else fp32): the model a QLoRA base stands for."""
+    layers = {name: as_dense(w, dtype or jnp.float32) if isinstance(w, Quantized) else w
+              for name, w in params["layers"].items()}
+    return {**params, "layers": layers}
