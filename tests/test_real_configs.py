@@ -91,3 +91,36 @@ def test_other_targets_verdicts_agree_with_plan(path):
         variant = validate(apply_overrides(cfg, sets)) if sets else cfg
         p = plan(variant, accelerator=acc, mesh=mesh, suggest=False, lower=False)
         assert p.fits == fits, (acc, mesh, sets, p.report())
+
+
+# --- configs/real/lora/: LoRA and QLoRA SFT + DPO on one 80 GB GPU ----------------------------------
+
+LORA_PATHS = sorted((CONFIGS / "lora").glob("*.yaml"))
+
+
+def test_lora_configs_cover_both_models_both_stages():
+    assert sorted(p.name for p in LORA_PATHS) == sorted(
+        f"{m}-{v}-{s}.yaml" for m in ("llama3.1-8b", "qwen2.5-7b") for v in ("lora", "qlora") for s in ("sft", "dpo"))
+
+
+@pytest.mark.parametrize("path", LORA_PATHS, ids=[p.stem for p in LORA_PATHS])
+def test_lora_config_lowers_and_fits_one_gpu_as_its_header_says(path):
+    """The architecture of the model's full config, the step lowered for CUDA on one device, and plan's
+    estimate on one H100 is the header's figure and fits."""
+    model, variant, stage = path.stem.rsplit("-", 2)
+    cfg = load_config(path)
+    full = load_config(CONFIGS / f"{model}-{stage}.yaml")
+    assert dict(cfg.model.config) == dict(full.model.config) and cfg.stage == stage
+    assert cfg.lora.enabled and cfg.lora.quantize == ("nf4" if variant == "qlora" else "none")
+    if stage == "dpo":
+        assert cfg.dpo.init_from == f"runs/{model}-{variant}-sft" and cfg.dpo.reference == "auto"
+    step = build_abstract_step(cfg, abstract_mesh({k: cfg.mesh[k] for k in MESH_AXES}, 1))
+    assert "mhlo.num_partitions = 1" in step.lower("cuda").as_text()
+    p = plan(cfg, accelerator="h100", suggest=False, lower=False)
+    assert p.fits and p.reference in (None, "adapters_off") and p.memory["reference"] == 0, p.report()
+    stated = float(re.search(r"plan estimate ([\d.]+) of", path.read_text()).group(1))
+    assert p.memory["peak"] / 2**30 == pytest.approx(stated, abs=0.01), p.report()
+    if variant == "qlora":  # a 4-bit base: well under half the bf16 base of the LoRA config
+        bf16 = plan(load_config(CONFIGS / "lora" / f"{model}-lora-{stage}.yaml"), accelerator="h100",
+                    suggest=False, lower=False)
+        assert p.memory["params"] < 0.4 * bf16.memory["params"]
