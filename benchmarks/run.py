@@ -18,6 +18,9 @@ Sections (--sections, comma-separated; default all):
            layers and (up to 16 layers) an unrolled layer loop for contrast.
   data     host time per batch (iterator next + to_global_arrays) vs the step time, and tokenize +
            pack throughput on the real HH-RLHF file with the Llama 2 tokenizer.
+  lora     LoRA (rank 16, every projection) and QLoRA (NF4 base) SFT and DPO steps, each in a round
+           beside its full fine-tuning counterpart (SFT; DPO with a live reference): step time and
+           XLA's per-device peak (weights, optimizer state, batch, temporaries) as ratios to full.
   variants extra SFT-step runs with config overrides (--variant KEY=VALUE[,KEY=VALUE]), to record
            what an optimization buys (before/after in one session).
 
@@ -86,6 +89,34 @@ def parse_variant(text: str) -> dict[str, str]:
 
 
 STEP_RUNS = (("sft", "sft", False), ("dpo_precomputed", "dpo", False), ("dpo_live", "dpo", True))
+
+
+LORA_RUNS = (("lora_sft", "sft", "none"), ("lora_dpo", "dpo", "none"), ("qlora_sft", "sft", "nf4"),
+             ("qlora_dpo", "dpo", "nf4"))
+
+
+def lora_rounds(args, common: dict, summarize, log) -> dict[str, Any]:
+    """Each adapter run back to back with full fine-tuning of its stage (DPO: a live reference copy), so
+    both halves of a ratio see the same machine state; the median ratio over rounds is reported."""
+    out: dict[str, Any] = {}
+    for name, stage, quantize in LORA_RUNS:
+        ratios = []
+        for i in range(args.rounds):
+            log(f"{name} round {i + 1}/{args.rounds}: full {stage}, then {name} ...")
+            full = summarize(spawn("jax_step", common | {"stage": stage, "live_reference": stage == "dpo"}),
+                             stage, stage == "dpo")
+            lora = summarize(spawn("jax_step", common | {"stage": stage, "lora": {"rank": 16, "quantize": quantize}}),
+                             stage, stage == "dpo")
+            ratios.append({"full_step_s": full["step_s"], "step_s": lora["step_s"],
+                           "step_ratio": lora["step_s"] / full["step_s"],
+                           "full_xla_peak_mb": full["xla_peak_mb"], "xla_peak_mb": lora["xla_peak_mb"],
+                           "memory_ratio": lora["xla_peak_mb"] / full["xla_peak_mb"],
+                           "full_rss_mb": full["peak_host_rss_mb"], "rss_mb": lora["peak_host_rss_mb"]})
+            log(f"  {lora['step_s']:.3f} vs {full['step_s']:.3f} s/step ({ratios[-1]['step_ratio']:.2f}x), "
+                f"XLA peak {lora['xla_peak_mb']:.0f} vs {full['xla_peak_mb']:.0f} MB")
+        out[name] = {"rounds": ratios, "step_ratio": statistics.median(r["step_ratio"] for r in ratios),
+                     "memory_ratio": statistics.median(r["memory_ratio"] for r in ratios)}
+    return out
 
 
 def run_all(args) -> dict[str, Any]:
@@ -160,6 +191,8 @@ def run_all(args) -> dict[str, Any]:
             log(f"  {jax_sft['step_s']:.3f} vs {torch_sft['step_s']:.3f} s/step: {rounds[-1]['ratio']:.2f}x")
         results["torch"] = torch_sft
         results["jax_over_torch_sft_tokens_per_s"] = statistics.median(r["ratio"] for r in rounds)
+    if "lora" in sections:
+        results["lora"] = lora_rounds(args, common, summarize, log)
     if "variants" in sections and args.variant:
         results["variants"] = []
         for text in args.variant:
@@ -200,7 +233,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="cpu-60m", choices=sorted(SHAPES))
-    parser.add_argument("--sections", default="peak,step,torch,compile,data,variants")
+    parser.add_argument("--sections", default="peak,step,torch,lora,compile,data,variants")
     parser.add_argument("--steps-of", type=lambda t: t.split(","), default=[r[0] for r in STEP_RUNS],
                         help="which train steps the step section times (sft,dpo_precomputed,dpo_live)")
     parser.add_argument("--rounds", type=int, default=3,

@@ -43,8 +43,8 @@ def _bnb_nf4(w_layer: np.ndarray, p, block: int):
 
 def test_nf4_levels_are_qloras():
     """The 16 levels codes 0..15 stand for are bitsandbytes' NF4 table (the paper's Appendix E)."""
-    codes = jnp.arange(16, dtype=jnp.uint4).reshape(16, 1)
-    levels = quant.Quantized(codes[None], jnp.ones((1, 1, 1)), "nf4", (16, 1)).dense(jnp.float32)
+    packed = (jnp.arange(0, 16, 2, dtype=jnp.uint8) << 4 | jnp.arange(1, 16, 2, dtype=jnp.uint8)).reshape(1, 8, 1)
+    levels = quant.Quantized(packed, jnp.ones((1, 1, 1)), "nf4", (16, 1)).dense(jnp.float32)
     np.testing.assert_array_equal(np.asarray(levels).reshape(-1), bnb.get_4bit_type("nf4", device="cpu").numpy())
 
 
@@ -55,7 +55,7 @@ def test_nf4_codes_and_block_scales_equal_bitsandbytes(name, block):
     dense = np.asarray(q.dense(jnp.float32))
     for layer in range(CFG.num_hidden_layers):
         codes, absmax, want = _bnb_nf4(w[layer], p, block)
-        np.testing.assert_array_equal(np.asarray(q.codes[layer]).astype(np.int32).T, codes)
+        np.testing.assert_array_equal(np.asarray(q.indices()[layer]).astype(np.int32).T, codes)
         np.testing.assert_array_equal(np.asarray(q.scale[layer]).T, absmax)
         np.testing.assert_array_equal(p.to_hf(dense[layer]), want)
 

@@ -70,6 +70,20 @@ def markdown(r: dict) -> str:
                          f"{d['hh_tokenize_sft_rows_per_s']:.0f} rows/s (SFT, chosen), {d['hh_tokenize_dpo_rows_per_s']:.0f} "
                          f"rows/s (DPO pairs); pack + batch {d['hh_pack_examples_per_s']:.0f} examples/s into "
                          f"{d['hh_packed_rows']} rows ({100 * d['hh_pack_efficiency']:.1f}% full)")
+    if r.get("lora"):
+        lines += ["", "LoRA (rank 16, every projection) and QLoRA (NF4 base) beside full fine-tuning of the same stage "
+                  "(DPO: a live reference copy), back to back per round; XLA peak = per-device arguments + outputs + "
+                  "temporaries of the compiled step:", "",
+                  "| run | step (s) | full step (s) | step ratio | XLA peak (MB) | full XLA peak (MB) | memory ratio | "
+                  "host RSS (MB) vs full |", "|---|---|---|---|---|---|---|---|"]
+        for name, res in r["lora"].items():
+            last = res["rounds"][-1]
+            lines.append(f"| {name.replace('_', ' ')} | {last['step_s']:.3f} | {last['full_step_s']:.3f} | "
+                         f"**{res['step_ratio']:.2f}×** | {last['xla_peak_mb']:.0f} | {last['full_xla_peak_mb']:.0f} | "
+                         f"**{res['memory_ratio']:.2f}×** | {last['rss_mb']:.0f} vs {last['full_rss_mb']:.0f} |")
+        lines.append("")
+        lines.append("(step and memory ratios: medians over rounds; the other columns: the last round; goal for "
+                     "LoRA DPO: step ≤ 0.75×, memory ≤ 0.5×)")
     if r.get("compile"):
         by = {}
         for c in r["compile"]:

@@ -56,31 +56,44 @@ def worker_peak(spec: dict) -> dict:
 
 
 def build_jax_step(s: Shape, stage: str, live_reference: bool, chunk_size: int, options: dict,
-                   num_devices: int = 0):
+                   num_devices: int = 0, lora: dict | None = None):
     """(compiled step, state, batch, ref_params, compile seconds) along the train loop's code path.
 
-    The mesh is the loop's default (fsdp over all devices, or the first `num_devices`)."""
+    The mesh is the loop's default (fsdp over all devices, or the first `num_devices`). `lora` ({"rank",
+    "quantize"}): adapters on every projection of the frozen base (quantised or not); the step's third
+    argument is then that base, which for DPO is also the reference (adapters off)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from jaxalign.config import apply_overrides, default_config
     from jaxalign.models import ModelConfig, init_model
-    from jaxalign.run.build import build_train_state
+    from jaxalign.models.quant import quantize_base
+    from jaxalign.run.build import build_train_state, init_lora_adapters, lora_spec, quant_spec
     from jaxalign.runtime.sharding import make_mesh, use_mesh
     from jaxalign.train.step import batch_shardings, jit_train_step
 
     cfg = ModelConfig.from_hf_dict(s.hf_config())
     # The defaults a run gets (AdamW, global-norm clipping, beta 0.1), for this stage and chunking.
-    run_cfg = apply_overrides(default_config(), [f"stage={stage}", f"model.logits_chunk_size={chunk_size}"])
+    sets = [f"stage={stage}", f"model.logits_chunk_size={chunk_size}"]
+    if lora:  # validation needs a base path; none is read here
+        sets += ["lora.enabled=true", f"lora.rank={lora['rank']}", f"lora.alpha={2 * lora['rank']}",
+                 f"lora.quantize={lora.get('quantize', 'none')}", "model.path=unused"]
+    run_cfg = apply_overrides(default_config(), sets)
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:num_devices] if num_devices else None)
     with use_mesh(mesh):  # as the loop builds its state and step; the executable needs no context
         model = init_model(cfg, mesh, seed=0, **options)
         graphdef, params = nnx.split(model)
         params = nnx.to_pure_dict(params)
         del model
+        if lora:
+            spec = lora_spec(run_cfg)
+            ref = quantize_base(params, cfg, quant_spec(run_cfg), mesh) if quant_spec(run_cfg) else params
+            params = init_lora_adapters(cfg, spec, mesh, None, seed=0)
+            live_reference = stage == "dpo"
+        else:
+            ref = jax.tree.map(jnp.copy, params) if live_reference else None
         state, state_shardings, train_step = build_train_state(run_cfg, mesh, graphdef, params, total_steps=1000)
-        ref = jax.tree.map(jnp.copy, params) if live_reference else None
         host = synthetic_batch(s, stage)
         if stage == "dpo" and live_reference:
             del host["ref_logps"]
@@ -102,8 +115,13 @@ def worker_jax_step(spec: dict) -> dict:
     options = {"dtype": s.dtype, "param_dtype": s.param_dtype, "remat": s.remat, "attention": "auto",
                "scan_layers": True}
     options, chunk = apply_variant(options, spec.get("chunk_size", 0), spec.get("variant", {}))
-    compiled, state, batch, ref, compile_s = build_jax_step(s, stage, live, chunk, options, spec.get("devices", 0))
-    out = {"compile_s": compile_s, "options": options, "chunk_size": chunk}
+    compiled, state, batch, ref, compile_s = build_jax_step(s, stage, live, chunk, options, spec.get("devices", 0),
+                                                            spec.get("lora"))
+    from jaxalign.plan.memory import compiled_memory
+
+    xla = compiled_memory(compiled)  # per device: arguments (weights, state, batch) + outputs + temporaries
+    out = {"compile_s": compile_s, "options": options, "chunk_size": chunk,
+           "xla_peak_mb": xla["peak"] / 2**20 if xla else None}
     if spec.get("steps", 0) <= 0:
         return out | jax_memory()
     holder = {"state": state}

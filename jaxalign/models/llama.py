@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign.models import attention as attn
+from jaxalign.models import attention as attn, quant
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.lora import LoraInputs, delta, dropped
 from jaxalign.models.params import params_of
-from jaxalign.models.quant import as_dense
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxalign.runtime.sharding import constrain
 
@@ -146,10 +145,10 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array
            adapters: dict[str, dict[str, jax.Array]] | None, key: jax.Array | None, *, cfg: ModelConfig,
            cos, sin, mask, q_offset, impl: str, dtype, lora_scale: float, lora_dropout: float) -> tuple[jax.Array, Any]:
     """One pre-norm decoder block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
-    p = {name: as_dense(w, dtype) for name, w in p.items()}  # a QLoRA base's projections: dequantised here
+    p = {name: quant.cast(w, dtype) for name, w in p.items()}  # a QLoRA base's projections stay quantised
 
     def proj(spec: str, inp: jax.Array, name: str, index: int) -> jax.Array:
-        out = jnp.einsum(spec, inp, p[name])
+        out = quant.einsum(spec, inp, p[name], dtype)
         if adapters is None or name not in adapters:
             return out
         ab = adapters[name]

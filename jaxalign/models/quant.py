@@ -50,20 +50,40 @@ class Quantized:
     [L, 1, OUT] for int8; a qwix QArray when double-quantised). Slicing the leading [L] axis (the
     layer scan does) gives one layer's weight."""
 
-    codes: jax.Array
+    codes: jax.Array  # nf4: two 4-bit codes a byte (uint8 [L, IN/2, OUT]); int8: [L, IN, OUT]
     scale: Any
     qtype: Any = flax.struct.field(pytree_node=False)
     shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # one layer's [in..., out...]
 
+    def indices(self) -> jax.Array:
+        """The codes one per element ([..., IN, OUT]): nf4's level indices, or the int8 values."""
+        if self.qtype != "nf4":
+            return self.codes
+        pairs = jnp.stack([self.codes >> 4, self.codes & 15], axis=-2)  # [..., IN/2, 2, OUT]
+        return pairs.reshape(*self.codes.shape[:-2], -1, self.codes.shape[-1]).astype(jnp.uint4)
+
     def dense(self, dtype) -> jax.Array:
         scale = qwix.dequantize(self.scale) if isinstance(self.scale, qwix.QArray) else self.scale
-        w = qwix.dequantize(qwix.QArray(self.codes, scale, None, self.qtype))
+        w = qwix.dequantize(qwix.QArray(self.indices(), scale, None, self.qtype))
         return w.reshape(*w.shape[:-2], *self.shape).astype(dtype)
 
 
 def as_dense(w, dtype) -> jax.Array:
     """A weight in the compute dtype, dequantised when it is stored quantised."""
     return w.dense(dtype) if isinstance(w, Quantized) else w.astype(dtype)
+
+
+def cast(w, dtype):
+    """A dense weight cast to the compute dtype; a quantised one is left for `einsum` to dequantise."""
+    return w if isinstance(w, Quantized) else w.astype(dtype)
+
+
+def einsum(spec: str, x: jax.Array, w, dtype) -> jax.Array:
+    """x times a dense or quantised weight. A quantised one is dequantised under jax.checkpoint, so the
+    backward pass dequantises it again instead of the layer scan saving every layer's dense weight."""
+    if not isinstance(w, Quantized):
+        return jnp.einsum(spec, x, w)
+    return jax.checkpoint(lambda x, w: jnp.einsum(spec, x, w.dense(dtype)))(x, w)
 
 
 def _view(p: Param, cfg: ModelConfig) -> tuple[int, int]:
@@ -76,9 +96,9 @@ def check_block_size(cfg: ModelConfig, spec: QuantSpec) -> None:
         return
     for name in QUANTIZED:
         n_in = _view(_PARAM[name], cfg)[0]
-        if n_in % spec.block_size:
+        if n_in % spec.block_size or spec.block_size % 2:
             raise JaxalignError(f"lora.quant_block_size={spec.block_size} does not divide {name}'s {n_in} input "
-                                "features; use a divisor of every projection's input size (64 is standard)")
+                                "features; use an even divisor of every projection's input size (64 is standard)")
 
 
 def quantize_weight(w: jax.Array, p: Param, cfg: ModelConfig, spec: QuantSpec) -> Quantized:
@@ -95,6 +115,9 @@ def quantize_weight(w: jax.Array, p: Param, cfg: ModelConfig, spec: QuantSpec) -
         return q.qvalue, q.scale
 
     codes, scale = jax.lax.map(one, flat)
+    if spec.kind == "nf4":  # packed by hand: XLA's CPU runtime keeps uint4 arrays a byte per element
+        pairs = codes.astype(jnp.uint8).reshape(codes.shape[0], n_in // 2, 2, n_out)
+        codes = (pairs[:, :, 0] << 4) | pairs[:, :, 1]
     if spec.double:  # int8 scales, min-max per output feature of each layer
         scale = qwix.quantize(scale, jnp.int8, channelwise_axes=(0, 2), calibration_method="minmax")
     return Quantized(codes, scale, "nf4" if spec.kind == "nf4" else jnp.int8, p.shape(cfg))
