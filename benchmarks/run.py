@@ -99,7 +99,12 @@ def lora_rounds(args, common: dict, summarize, log) -> dict[str, Any]:
     """Each adapter run back to back with full fine-tuning of its stage (DPO: a live reference copy), so
     both halves of a ratio see the same machine state; the median ratio over rounds is reported."""
     out: dict[str, Any] = {}
+    if args.lora_variant:  # e.g. model.remat=full, for both halves of every round
+        common = common | {"variant": parse_variant(args.lora_variant)}
+        out["variant"] = args.lora_variant
     for name, stage, quantize in LORA_RUNS:
+        if name not in args.lora_runs:
+            continue
         ratios = []
         for i in range(args.rounds):
             log(f"{name} round {i + 1}/{args.rounds}: full {stage}, then {name} ...")
@@ -245,6 +250,9 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=0, help="model.logits_chunk_size of the main runs")
     parser.add_argument("--variant", action="append", default=[],
                         help="extra SFT run with overrides, e.g. model.logits_chunk_size=512 (repeatable)")
+    parser.add_argument("--lora-runs", type=lambda t: t.split(","), default=[r[0] for r in LORA_RUNS],
+                        help="which of the lora section's runs (comma-separated)")
+    parser.add_argument("--lora-variant", default="", help="KEY=VALUE[,KEY=VALUE] for both halves of the lora runs")
     parser.add_argument("--compile-layers", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8, 16, 32])
     parser.add_argument("--unrolled-max-layers", type=int, default=16)
     parser.add_argument("--no-tokenize", action="store_true", help="skip the HH tokenize throughput")

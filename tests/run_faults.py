@@ -91,3 +91,23 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240,
             pytest.fail(f"the run exited ({proc.returncode}) before {what}:\n{err[-3000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(poll)
+
+
+def sigkill_past_checkpoint(config_path: pathlib.Path, run: pathlib.Path, step: int, logged: int) -> int:
+    """`jaxalign train --config CONFIG_PATH` in a subprocess, SIGKILLed once its step-`step` checkpoint is
+    complete and `logged` steps are logged (the steps after the checkpoint are lost and must be redone);
+    returns the last logged step."""
+    import signal
+
+    # stdout is not read while it runs: discarded, so a full pipe cannot stall the run.
+    proc = subprocess.Popen([sys.executable, "-m", "jaxalign.cli", "train", "--config", str(config_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (run / "checkpoints" / str(step) / "params").is_dir()
+                 and max(logged_steps(run), default=0) >= logged, proc, f"a checkpoint at step {step}", poll=0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return max(logged_steps(run))

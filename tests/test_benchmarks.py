@@ -43,15 +43,16 @@ def test_model_flops_equals_hand_count(bench):
     assert math.isclose(bench.model_flops(s) / (1.0 * 0.5e9), 0.408944640)
 
 
-@pytest.mark.parametrize("stage,live", [("sft", False), ("dpo", True)], ids=["sft", "dpo-live"])
-def test_jax_step_worker_runs_on_tiny(bench, stage, live):
+@pytest.mark.parametrize("stage,live,lora", [("sft", False, None), ("dpo", True, None), ("dpo", False, "nf4")],
+                         ids=["sft", "dpo-live", "qlora-dpo"])
+def test_jax_step_worker_runs_on_tiny(bench, stage, live, lora):
     import dataclasses
 
     shape = dataclasses.asdict(bench.SHAPES["tiny"])
-    r = bench.worker_jax_step({"shape": shape, "stage": stage, "live_reference": live, "steps": 2, "warmup": 1,
-                               "devices": 1})
+    spec = {"shape": shape, "stage": stage, "live_reference": live, "steps": 2, "warmup": 1, "devices": 1}
+    r = bench.worker_jax_step(spec | ({"lora": {"rank": 4, "quantize": lora, "block": 16}} if lora else {}))
     assert r["compile_s"] > 0 and len(r["step_times"]) == 2 and r["step_s"] > 0
-    assert math.isfinite(r["loss"]) and r["peak_host_rss_mb"] > 0
+    assert math.isfinite(r["loss"]) and r["peak_host_rss_mb"] > 0 and r["xla_peak_mb"] > 0
 
 
 def test_torch_worker_and_report_on_tiny(bench):

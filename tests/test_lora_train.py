@@ -10,13 +10,8 @@ no second model); DPO from a LoRA SFT run trains fresh adapters on the merged SF
 
 import json
 import math
-import os
 import pathlib
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
-from run_faults import logged_steps
+from run_faults import sigkill_past_checkpoint
 from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics, train_until
 
 from jaxalign.checkpoint import lora_io, model_io
@@ -154,9 +149,9 @@ def test_a_changed_base_is_refused(base, sft_run, tmp_path):
         model_io.load_model(moved, make_mesh({"fsdp": -1}))
 
 
-def test_lora_dpo_reference_is_the_base_with_adapters_off(base, sft_run):
-    """DPO from the LoRA SFT run: the SFT adapters are merged into the starting model, fresh adapters train,
-    the reference is that model with the adapters off (no copy): step 1 has loss ln 2 and rewards 0."""
+@pytest.fixture(scope="module")
+def lora_dpo_run(base, sft_run):
+    """DPO with fresh adapters from the LoRA SFT run."""
     root, cfg = base
     sft_trainer = sft_run[0]
     dpo = {**cfg, "stage": "dpo",
@@ -165,12 +160,18 @@ def test_lora_dpo_reference_is_the_base_with_adapters_off(base, sft_run):
            "optimizer": {"lr": 1e-2, "warmup_steps": 1},
            "dpo": {"init_from": str(sft_trainer.run), "beta": 0.5}}
     trainer = Trainer(_config(root, "dpo", dpo))
-    assert trainer.reference == "adapters_off" and trainer.ref_params is None
-    mesh = trainer.mesh
-    with use_mesh(mesh):
-        merged_sft = _pure(model_io.load_model(sft_trainer.run, mesh))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.frozen_params), merged_sft)
+    merged_sft = _pure(model_io.load_model(sft_trainer.run, trainer.mesh))
+    frozen_before = jax.device_get(trainer.frozen_params)
     trainer.train()
+    return trainer, merged_sft, frozen_before
+
+
+def test_lora_dpo_reference_is_the_base_with_adapters_off(lora_dpo_run):
+    """DPO from the LoRA SFT run: the SFT adapters are merged into the starting model, fresh adapters train,
+    the reference is that model with the adapters off (no copy): step 1 has loss ln 2 and rewards 0."""
+    trainer, merged_sft, frozen_before = lora_dpo_run
+    assert trainer.reference == "adapters_off" and trainer.ref_params is None
+    jax.tree.map(np.testing.assert_array_equal, frozen_before, merged_sft)
     train, evals = read_metrics(trainer.run)
     assert train[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     # Equal up to fp32 rounding (the two forwards fuse differently): beta * |logp - ref| of ~100-token sums.
@@ -208,6 +209,8 @@ def test_lora_config_errors_name_the_key(base):
         _config(root, "bad2", {**cfg, "model": {"config": dict(TINY_LLAMA)}})
     with pytest.raises(JaxalignError, match="dpo.reference.*adapters_off"):
         _config(root, "bad3", {**cfg, "stage": "dpo", "dpo": {"reference": "model"}})
+    with pytest.raises(JaxalignError, match="export.format.*lora.enabled"):
+        _config(root, "bad5", {**cfg, "lora": {"enabled": False}, "export": {"format": "peft"}})
     with pytest.raises(JaxalignError, match="dpo.reference.*lora.enabled"):
         _config(root, "bad4", {**cfg, "lora": {"enabled": False}, "stage": "dpo",
                                "dpo": {"reference": "adapters_off"}})
@@ -253,20 +256,7 @@ def test_qlora_resume_after_sigkill_is_bitwise(base, qlora_sft_run):
     path = root / "qkilled.yaml"
     run = root / "qkilled"
     path.write_text(yaml.safe_dump({**_qlora_cfg(cfg), "output_dir": str(run)}))
-    proc = subprocess.Popen([sys.executable, "-m", "jaxalign.cli", "train", "--config", str(path)],
-                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not ((run / "checkpoints" / "4" / "params").is_dir() and max(logged_steps(run), default=0) >= 6):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 4 in time"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = max(logged_steps(run))
+    killed_at = sigkill_past_checkpoint(path, run, step=4, logged=6)
     assert killed_at < QLORA_STEPS, "the run finished before it was killed"
     trainer = Trainer(load_config(path), resume=True)
     assert 4 <= int(trainer.state.step) < killed_at
@@ -294,3 +284,26 @@ def test_qlora_dpo_reference_is_the_quantised_base(base, reference):
     assert train[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert train[1][key] == pytest.approx(0, abs=1e-5), key
+
+
+def test_pipeline_peft_export_of_a_dpo_run(base, lora_dpo_run, tmp_path):
+    """export.format=peft on DPO from a LoRA SFT run: out/base is the merged SFT model in HF format, out the
+    DPO adapters on it; transformers + peft give the logits of the DPO run loaded (merged) here."""
+    import peft
+    import torch
+    import transformers
+
+    from jaxalign.export.hf import export_run
+    from jaxalign.run import lifecycle
+
+    root, cfg = base
+    trainer = lora_dpo_run[0]
+    out = export_run(_config(root, "export_cfg", cfg, ["export.format=peft"]), trainer.run, tmp_path / "export")
+    assert lifecycle.is_complete(out) and (out / "adapter_config.json").is_file()
+    tokens = np.random.default_rng(1).integers(0, 32000, size=(2, 16))
+    hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(out / "base"), out).eval()
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    with use_mesh(trainer.mesh):
+        got = np.asarray(model_io.load_model(trainer.run, trainer.mesh)(jax.numpy.asarray(tokens)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

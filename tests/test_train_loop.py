@@ -7,12 +7,8 @@ tests compare against its per-step losses, the retention test reads its checkpoi
 
 import json
 import math
-import os
 import pathlib
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -20,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
-from run_faults import logged_steps
+from run_faults import sigkill_past_checkpoint
 from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics, train_until
 
 from jaxalign import cli
@@ -149,22 +145,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(base, sft_run):
     cfg = {**cfg, "output_dir": str(root / "killed")}
     path, config = write_config(root, "killed", cfg)
     run = pathlib.Path(cfg["output_dir"])
-    proc = subprocess.Popen([sys.executable, "-m", "jaxalign.cli", "train", "--config", str(path)],
-                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        # Killed a few steps past a complete checkpoint: those steps are lost and must be redone.
-        while not ((run / "checkpoints" / "10" / "params").is_dir()
-                   and max(logged_steps(run), default=0) >= 12):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 10 in time"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = max(logged_steps(run))
+    # Killed a few steps past a complete checkpoint: those steps are lost and must be redone.
+    killed_at = sigkill_past_checkpoint(path, run, step=10, logged=12)
     assert 12 <= killed_at < SFT_STEPS, "the run finished before it was killed"
 
     with pytest.raises(JaxalignError, match="already holds a run"):

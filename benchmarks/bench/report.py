@@ -73,10 +73,13 @@ def markdown(r: dict) -> str:
     if r.get("lora"):
         lines += ["", "LoRA (rank 16, every projection) and QLoRA (NF4 base) beside full fine-tuning of the same stage "
                   "(DPO: a live reference copy), back to back per round; XLA peak = per-device arguments + outputs + "
-                  "temporaries of the compiled step:", "",
+                  "temporaries of the compiled step" + (f"; both with {r['lora']['variant']}" if "variant" in r["lora"]
+                                                         else "") + ":", "",
                   "| run | step (s) | full step (s) | step ratio | XLA peak (MB) | full XLA peak (MB) | memory ratio | "
                   "host RSS (MB) vs full |", "|---|---|---|---|---|---|---|---|"]
         for name, res in r["lora"].items():
+            if name == "variant":
+                continue
             last = res["rounds"][-1]
             lines.append(f"| {name.replace('_', ' ')} | {last['step_s']:.3f} | {last['full_step_s']:.3f} | "
                          f"**{res['step_ratio']:.2f}×** | {last['xla_peak_mb']:.0f} | {last['full_xla_peak_mb']:.0f} | "

@@ -78,7 +78,8 @@ def build_jax_step(s: Shape, stage: str, live_reference: bool, chunk_size: int, 
     sets = [f"stage={stage}", f"model.logits_chunk_size={chunk_size}"]
     if lora:  # validation needs a base path; none is read here
         sets += ["lora.enabled=true", f"lora.rank={lora['rank']}", f"lora.alpha={2 * lora['rank']}",
-                 f"lora.quantize={lora.get('quantize', 'none')}", "model.path=unused"]
+                 f"lora.quantize={lora.get('quantize', 'none')}", f"lora.quant_block_size={lora.get('block', 64)}",
+                 "model.path=unused"]
     run_cfg = apply_overrides(default_config(), sets)
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:num_devices] if num_devices else None)
     with use_mesh(mesh):  # as the loop builds its state and step; the executable needs no context

@@ -118,6 +118,9 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
 
 def _lora_errors(c: dict, need) -> list[tuple[str, str]]:
     lo, p, errors = c["lora"], c["dpo"], []
+    dpo_lora = (p["overrides"].get("lora") or {}).get("enabled", lo["enabled"])
+    need(c["export"]["format"] != "peft" or dpo_lora, "export.format", "peft writes adapters: it needs the DPO "
+         "stage to train them (lora.enabled=true, or dpo.overrides.lora.enabled)")
     if not lo["enabled"]:
         need(p["reference"] != "adapters_off", "dpo.reference", "needs lora.enabled=true (it is the base model "
              "without its adapters)")

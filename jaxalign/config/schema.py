@@ -165,6 +165,10 @@ SCHEMA: dict[str, Any] = {
         "top_p": F(1.0, "nucleus sampling mass; 1.0 = off"),
         "stop": F([], "extra stop strings (EOS always stops)"),
     },
+    "export": {
+        "format": F("merged", "the pipeline's export of the DPO model: merged = one HF model; peft = (LoRA) the "
+                    "adapters as a PEFT directory, their base as an HF model in its base/", ("merged", "peft")),
+    },
     "sft": {
         "loss_on": F("completion", "which tokens are trained on", ("completion", "all")),
         "z_loss": F(0.0, "weight of the log(Z)^2 auxiliary loss; 0 = off"),

@@ -207,9 +207,29 @@ def export_run(cfg, dpo_dir: paths.Path, out: paths.Path) -> paths.Path:
     mesh, rules = mesh_from_config(cfg)
     tokenizer = run_tokenizer(cfg)
     with use_mesh(mesh, rules):
-        model = model_io.load_model(dpo_dir, mesh, rules)
-        save_hf(model, export_config(model.cfg, tokenizer), out, tokenizer=tokenizer,
-                dtype=model_io.source_dtype(dpo_dir))
+        if cfg.export.format == "peft":
+            export_peft(dpo_dir, out, tokenizer, mesh, rules)
+        else:
+            model = model_io.load_model(dpo_dir, mesh, rules)
+            save_hf(model, export_config(model.cfg, tokenizer), out, tokenizer=tokenizer,
+                    dtype=model_io.source_dtype(dpo_dir))
     if jax.process_index() == 0:
         lifecycle.mark_complete(out, model=str(model_io.resolve_model_path(dpo_dir)))
     return out
+
+
+def export_peft(run: paths.Path, out: paths.Path, tokenizer, mesh, rules=None) -> None:
+    """A LoRA run as PEFT loads it: adapter_config.json + adapter_model.safetensors (+ tokenizer) in `out`,
+    and the model they sit on (the run's base: for DPO from an SFT run, that run merged) in HF format in
+    out/base, which the adapter config names. A QLoRA run's base is written dense, as PEFT users load it."""
+    from jaxalign.checkpoint import lora_io
+    from jaxalign.models import peft
+
+    spec, adapters, base = lora_io.load_adapters(run, mesh, rules)
+    base_model = model_io.load_model(base, mesh, rules)
+    save_hf(base_model, export_config(base_model.cfg, tokenizer), out / "base", tokenizer=tokenizer,
+            dtype=model_io.source_dtype(base))
+    adapters = multihost_utils.process_allgather(adapters, tiled=True)  # small: every process holds them whole
+    if jax.process_index() == 0:
+        peft.write_peft_dir(out, adapters, base_model.cfg, spec, str(paths.absolute(out / "base")))
+        tokenizer.save_pretrained(str(out))
