@@ -95,6 +95,7 @@ def eval_fingerprint(cfg, models: dict[str, str]) -> str:
     threshold and the run's name) and the model paths. A recorded result is reused only when it matches."""
     settings = config_to_dict(cfg)
     settings["eval"] = {k: v for k, v in settings["eval"].items() if k != "min_sft_skill"}
+    settings.pop("export", None)  # how the DPO model is exported does not change what is measured
     settings.pop("run_name", None)
     text = json.dumps({"config": settings, "models": models}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -14,12 +14,10 @@ import pathlib
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
 from flax import nnx
-from run_faults import sigkill_past_checkpoint
 from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics, train_until
 
 from jaxalign.checkpoint import lora_io, model_io
@@ -27,22 +25,22 @@ from jaxalign.checkpoint.store import saved_tensors
 from jaxalign.config import load_config
 from jaxalign.errors import JaxalignError
 from jaxalign.export.hf import save_hf
-from jaxalign.models import ModelConfig, init_model, lora, quant
+from jaxalign.models import ModelConfig, init_model, lora
 from jaxalign.run.loop import Trainer
 from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
 LORA = {"enabled": True, "rank": 4, "alpha": 8.0, "targets": ["all-linear"]}
-# QLoRA: NF4 base with double-quantised scales (blocks of 32: the tiny model's hidden size).
-QLORA = {**LORA, "quantize": "nf4", "quant_block_size": 32, "double_quant": True}
-QLORA_STEPS = 16
 
 
 @pytest.fixture(scope="module")
 def base(shared_data, tmp_path_factory):
+    return lora_base(shared_data, tmp_path_factory.mktemp("lora_train"))
+
+
+def lora_base(shared_data: pathlib.Path, root: pathlib.Path) -> tuple[pathlib.Path, dict]:
     """A tiny random base model saved in HF format and the LoRA SFT config every test derives from."""
-    root = tmp_path_factory.mktemp("lora_train")
     mesh = make_mesh({"fsdp": -1})
     with use_mesh(mesh):
         model = init_model(ModelConfig.from_hf_dict(dict(TINY_LLAMA)), mesh, seed=7)
@@ -216,76 +214,6 @@ def test_lora_config_errors_name_the_key(base):
                                "dpo": {"reference": "adapters_off"}})
 
 
-# --- QLoRA: the quantised base ----------------------------------------------------------------------
-
-def _qlora_cfg(cfg: dict) -> dict:
-    return {**cfg, "lora": QLORA, "train": {**cfg["train"], "max_steps": QLORA_STEPS, "eval_every": 8}}
-
-
-@pytest.fixture(scope="module")
-def qlora_sft_run(base):
-    root, cfg = base
-    trainer = Trainer(_config(root, "qsft", _qlora_cfg(cfg)))
-    trainer.train()
-    return trainer
-
-
-def test_qlora_sft_trains_on_the_quantised_base_and_loads_merged(base, qlora_sft_run):
-    trainer = qlora_sft_run
-    frozen = trainer.frozen_params["layers"]
-    assert all(isinstance(frozen[n], quant.Quantized) for n in quant.QUANTIZED)
-    assert frozen["wq"].codes.dtype == jnp.uint8 and frozen["wq"].codes.shape[1] == 32 // 2  # two codes a byte
-    assert frozen["wq"].scale.qvalue.dtype == jnp.int8
-    train, _ = read_metrics(trainer.run)
-    assert train[QLORA_STEPS]["loss"] < train[1]["loss"] - 0.02
-    meta = json.loads((trainer.run / "model" / model_io.MODEL_FILE).read_text())
-    assert meta["lora"]["quantize"] == {"kind": "nf4", "block_size": 32, "double": True}
-    # The run loads as the model its adapters were trained as: the dequantised base plus A B.
-    mesh = trainer.mesh
-    with use_mesh(mesh):
-        got = _pure(model_io.load_model(trainer.run, mesh))
-    want = jax.device_get(lora.merge(quant.dequantized(trainer.frozen_params), trainer.state.params,
-                                     trainer.lora.scale))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
-
-
-def test_qlora_resume_after_sigkill_is_bitwise(base, qlora_sft_run):
-    """`jaxalign train` (QLoRA) SIGKILLed past its step-4 checkpoint: the resumed run logs the
-    uninterrupted run's losses and gradient norms step for step."""
-    root, cfg = base
-    path = root / "qkilled.yaml"
-    run = root / "qkilled"
-    path.write_text(yaml.safe_dump({**_qlora_cfg(cfg), "output_dir": str(run)}))
-    killed_at = sigkill_past_checkpoint(path, run, step=4, logged=6)
-    assert killed_at < QLORA_STEPS, "the run finished before it was killed"
-    trainer = Trainer(load_config(path), resume=True)
-    assert 4 <= int(trainer.state.step) < killed_at
-    trainer.train()
-    want, _ = read_metrics(qlora_sft_run.run)
-    got, _ = read_metrics(run)
-    assert sorted(got) == list(range(1, QLORA_STEPS + 1))
-    for step in got:
-        assert (got[step]["loss"], got[step]["grad_norm"]) == (want[step]["loss"], want[step]["grad_norm"]), step
-
-
-@pytest.mark.parametrize("reference", ["adapters_off", "precomputed"])
-def test_qlora_dpo_reference_is_the_quantised_base(base, reference):
-    """QLoRA DPO from the base: the reference (live with adapters off, or scored once up front) is the
-    quantised base the policy sits on, so step 1 has loss ln 2 and rewards 0."""
-    root, cfg = base
-    dpo = {**cfg, "stage": "dpo", "lora": QLORA,
-           "data": {**cfg["data"], "max_rows": 32, "eval_fraction": 0.0, "eval": cfg["data"]["train"]},
-           "train": {**cfg["train"], "max_steps": 2, "eval_every": 0},
-           "dpo": {"init_from": str(root / "base"), "beta": 0.5, "reference": reference}}
-    trainer = Trainer(_config(root, f"qdpo_{reference}", dpo))
-    assert trainer.ref_params is None and isinstance(trainer.frozen_params["layers"]["w_up"], quant.Quantized)
-    trainer.train()
-    train, _ = read_metrics(trainer.run)
-    assert train[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-        assert train[1][key] == pytest.approx(0, abs=1e-5), key
-
-
 def test_pipeline_peft_export_of_a_dpo_run(base, lora_dpo_run, tmp_path):
     """export.format=peft on DPO from a LoRA SFT run: out/base is the merged SFT model in HF format, out the
     DPO adapters on it; transformers + peft give the logits of the DPO run loaded (merged) here."""
@@ -307,3 +235,7 @@ def test_pipeline_peft_export_of_a_dpo_run(base, lora_dpo_run, tmp_path):
     with use_mesh(trainer.mesh):
         got = np.asarray(model_io.load_model(trainer.run, trainer.mesh)(jax.numpy.asarray(tokens)))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # Asked again in the other format, the export is written again, not skipped.
+    export_run(_config(root, "export_cfg", cfg), trainer.run, out)
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    assert json.loads((out / lifecycle.COMPLETE_FILE).read_text())["format"] == "merged"

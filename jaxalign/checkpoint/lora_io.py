@@ -23,16 +23,19 @@ from jaxalign.checkpoint import model_io
 from jaxalign.checkpoint.store import mismatch_message, saved_tensors
 from jaxalign.errors import JaxalignError
 from jaxalign.models import Decoder, ModelConfig, lora as lora_lib, peft, quant
+from jaxalign.models.llama import DTYPES
 from jaxalign.runtime import paths
 from jaxalign.runtime.paths import Path, PathLike
 
 
-def lora_description(spec: lora_lib.LoraSpec, base: PathLike, quantize: quant.QuantSpec | None = None) -> dict:
-    """What MODEL_FILE records of a LoRA run: the adapters, the base's storage, and the base (resolved
-    path + fingerprint)."""
+def lora_description(spec: lora_lib.LoraSpec, base: PathLike, quantize: quant.QuantSpec | None = None,
+                     param_dtype: str = "float32") -> dict:
+    """What MODEL_FILE records of a LoRA run: the adapters, the base's storage (quantised from weights
+    in `param_dtype`), and the base (resolved path + fingerprint)."""
     base = model_io.resolve_model_path(base)
+    stored = {**quantize.describe(), "param_dtype": param_dtype} if quantize else None
     return {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "dropout": spec.dropout,
-            "rslora": spec.rslora, "init": spec.init, "quantize": quantize.describe() if quantize else None,
+            "rslora": spec.rslora, "init": spec.init, "quantize": stored,
             "base": str(paths.absolute(base)), "base_fingerprint": model_fingerprint(base)}
 
 
@@ -44,7 +47,7 @@ def lora_spec_of(description: Mapping[str, Any]) -> lora_lib.LoraSpec:
 
 def quant_spec_of(description: Mapping[str, Any]) -> quant.QuantSpec | None:
     q = description.get("quantize")
-    return quant.QuantSpec(**q) if q else None
+    return quant.QuantSpec(q["kind"], q["block_size"], q["double"]) if q else None
 
 
 def model_fingerprint(path: PathLike) -> str:
@@ -70,10 +73,13 @@ def load_merged(path: Path, mesh: Mesh, rules: Mapping[str, Any] | None = None, 
             spec, adapters, _ = peft.read_peft_dir(path, model_io.load_model_config(path))
         return _merged(model_io.load_model(model_io.peft_base(path), mesh, rules, **options), adapters, spec)
     lora = model_io.lora_meta(path)
-    base = model_io.load_model(_checked_base(path, lora), mesh, rules, **options)
+    quantize = quant_spec_of(lora)
+    # QLoRA: the base quantised from the weights training quantised (its param_dtype), merged in the asked one.
+    base_options = {**options, "param_dtype": lora["quantize"]["param_dtype"]} if quantize else options
+    base = model_io.load_model(_checked_base(path, lora), mesh, rules, **base_options)
     spec = lora_spec_of(lora)
-    return _merged(base, _restore_adapters(path, base.cfg, spec, mesh, rules), spec, quant_spec_of(lora),
-                   mesh, rules)
+    return _merged(base, _restore_adapters(path, base.cfg, spec, mesh, rules), spec, quantize, mesh, rules,
+                   options.get("param_dtype", "float32"))
 
 
 def load_adapters(path: PathLike, mesh: Mesh, rules: Mapping[str, Any] | None = None):
@@ -108,15 +114,17 @@ def _restore_adapters(path: Path, cfg: ModelConfig, spec: lora_lib.LoraSpec, mes
 
 
 def _merged(model: Decoder, adapters, spec: lora_lib.LoraSpec, quantize: quant.QuantSpec | None = None,
-            mesh: Mesh | None = None, rules=None) -> Decoder:
+            mesh: Mesh | None = None, rules=None, param_dtype: str = "float32") -> Decoder:
     """The base with W + scale * A B folded in, each weight keeping its sharding; under QLoRA W is the
-    dequantised base the adapters were trained on."""
+    dequantised base the adapters were trained on, and every weight is cast to `param_dtype`."""
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
     shardings = jax.tree.map(lambda x: x.sharding, pure)
     if quantize is not None:
-        dense = functools.partial(quant.dequantized, dtype=pure["layers"]["wq"].dtype)
+        dtype = DTYPES[param_dtype]
+        dense = functools.partial(quant.dequantized, dtype=dtype)
         pure = jax.jit(dense, out_shardings=shardings)(quant.quantize_base(pure, model.cfg, quantize, mesh, rules))
+        pure = jax.tree.map(lambda x: x.astype(dtype), pure)
     merged = jax.jit(lora_lib.merge, static_argnums=2, out_shardings=shardings)(pure, adapters, spec.scale)
     nnx.replace_by_pure_dict(state, merged)
     return nnx.merge(graphdef, state)

@@ -199,22 +199,28 @@ def export_config(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
 def export_run(cfg, dpo_dir: paths.Path, out: paths.Path) -> paths.Path:
     """The pipeline's export stage: a run's best model in HF format at `out`, complete only with its
     COMPLETE marker (a partial one is redone)."""
+    fmt = cfg.export.format
     if lifecycle.is_complete(out):
-        log.info("export: %s exists, skipped", out)
-        return out
+        done = json.loads((out / lifecycle.COMPLETE_FILE).read_text()).get("format", "merged")
+        if done == fmt:
+            log.info("export: %s exists, skipped", out)
+            return out
+        log.info("export: %s holds a %s export; writing it again as %s (export.format)", out, done, fmt)
+        if jax.process_index() == 0:
+            paths.remove(out)
     if jax.process_index() == 0:
         lifecycle.clear_incomplete(out, "the export")
     mesh, rules = mesh_from_config(cfg)
     tokenizer = run_tokenizer(cfg)
     with use_mesh(mesh, rules):
-        if cfg.export.format == "peft":
+        if fmt == "peft":
             export_peft(dpo_dir, out, tokenizer, mesh, rules)
         else:
             model = model_io.load_model(dpo_dir, mesh, rules)
             save_hf(model, export_config(model.cfg, tokenizer), out, tokenizer=tokenizer,
                     dtype=model_io.source_dtype(dpo_dir))
     if jax.process_index() == 0:
-        lifecycle.mark_complete(out, model=str(model_io.resolve_model_path(dpo_dir)))
+        lifecycle.mark_complete(out, model=str(model_io.resolve_model_path(dpo_dir)), format=fmt)
     return out
 
 
@@ -231,5 +237,8 @@ def export_peft(run: paths.Path, out: paths.Path, tokenizer, mesh, rules=None) -
             dtype=model_io.source_dtype(base))
     adapters = multihost_utils.process_allgather(adapters, tiled=True)  # small: every process holds them whole
     if jax.process_index() == 0:
-        peft.write_peft_dir(out, adapters, base_model.cfg, spec, str(paths.absolute(out / "base")))
-        tokenizer.save_pretrained(str(out))
+        with paths.local_dir_for(out) as local:  # safetensors and tokenizers write local files only
+            peft.write_peft_dir(local, adapters, base_model.cfg, spec, str(paths.absolute(out / "base")))
+            tokenizer.save_pretrained(str(local))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxalign.export.hf.export_peft")

@@ -32,6 +32,11 @@ KINDS = ("none", "int8", "nf4")
 # The projections a quantised base stores quantised (all seven, whatever lora.targets adapts).
 QUANTIZED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 _PARAM = {p.name: p for p in PARAMS}
+# QLoRA's NormalFloat-4 levels (Dettmers et al. 2023, appendix E; the table qwix quantises to).
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +69,14 @@ class Quantized:
 
     def dense(self, dtype) -> jax.Array:
         scale = qwix.dequantize(self.scale) if isinstance(self.scale, qwix.QArray) else self.scale
-        w = qwix.dequantize(qwix.QArray(self.indices(), scale, None, self.qtype))
+        if self.qtype == "nf4":
+            # A lookup of our own: qwix's NF4 lookup ravels the array, which loses its sharding (every
+            # tensor-parallel shard would gather all codes).
+            levels = jnp.take(jnp.asarray(NF4_LEVELS, jnp.float32), self.indices().astype(jnp.int32))
+            blocks = levels.reshape(*levels.shape[:-2], scale.shape[-2], -1, levels.shape[-1])
+            w = (blocks * scale[..., :, None, :]).reshape(levels.shape)
+        else:
+            w = qwix.dequantize(qwix.QArray(self.codes, scale, None, self.qtype))
         return w.reshape(*w.shape[:-2], *self.shape).astype(dtype)
 
 

@@ -48,7 +48,7 @@ RESUME_MAY_CHANGE = (
     "output_dir", "run_name", "mesh.", "model.remat", "model.attention", "model.logits_chunk_size",
     "model.trust_remote_code", "data.cache_dir", "train.eval_every", "train.eval_batches", "train.log_every",
     "train.on_nonfinite", "train.max_nonfinite_skips", "train.micro_batch_size", "checkpoint.", "eval.",
-    "generate.", "sft.overrides", "dpo.overrides",
+    "generate.", "export.", "sft.overrides", "dpo.overrides",
 )
 
 

@@ -99,7 +99,8 @@ class Trainer(RunCheckpoints):
         self.quant = quant_spec(cfg)  # QLoRA: how the frozen base is stored
         self.reference = reference_kind(cfg)
         # A LoRA run's base (path + fingerprint): recorded in RUN/model/, compared on --resume.
-        self.lora_base = lora_io.lora_description(self.lora, initial_model_path(cfg), self.quant) if self.lora else None
+        self.lora_base = lora_io.lora_description(self.lora, initial_model_path(cfg), self.quant,
+                                                  cfg.model.param_dtype) if self.lora else None
         self.pad_id = self.tokenizer.pad_id or 0
         manifest = agree("loading the data", lambda: self._load_data(model_cfg),
                          lambda m: {"data fingerprint": m["data"], "total steps": str(m["total_steps"])})
@@ -109,6 +110,7 @@ class Trainer(RunCheckpoints):
             model, _, source_dtype = build_model_and_tokenizer(cfg, self.mesh, self.rules, checked)
             self.graphdef, params = nnx.split(model)
             params = nnx.to_pure_dict(params)
+            del model  # QLoRA: the dense base is freed once quantised
             self.objective = objective_from_config(cfg)
             if self.quant:  # before any reference is taken: adapters-off (or precomputed) is this base
                 params = quantize_base(params, model_cfg, self.quant, self.mesh, self.rules)
