@@ -124,3 +124,17 @@ def test_bad_arguments_are_clear_errors():
         plan(load_config(None, BASE), accelerator="v5p", mesh={"fsdp": 64, "tensor": 1}, lower=False)
     assert set(ACCELERATORS) == {"v5p", "v5e", "v6e", "h100", "h200", "a100", "cpu"}
     assert ACCELERATORS["v5p"].hbm_bytes == 95 * GiB
+
+
+def test_qlora_is_suggested_and_saves_the_projections_bytes():
+    """A LoRA config that does not fit one v6e chip: `plan` offers lora.quantize=nf4, and the saving is the
+    projections' bf16 bytes less NF4's 4 bits and fp32 scale per 64 (6.98 B weights of Llama-3.1-8B)."""
+    cfg = load_config("configs/real/lora/llama3.1-8b-lora-sft.yaml")
+    p = plan(cfg, accelerator="v6e", mesh={"data": 1, "fsdp": 1, "tensor": 1}, lower=False)
+    assert not p.fits and any("--set lora.quantize=nf4" in s for s in p.suggestions), p.suggestions
+    q = plan(validate(apply_overrides(cfg, ["lora.quantize=nf4"])), accelerator="v6e",
+             mesh={"data": 1, "fsdp": 1, "tensor": 1}, suggest=False, lower=False)
+    e, kv, m, layers = 4096, 8 * 128, 14336, 32
+    projections = layers * (2 * e * e + 2 * e * kv + 3 * e * m)
+    assert p.memory["params"] - q.memory["params"] == projections * 2 - projections // 2 - projections // 64 * 4
+    assert p.memory["peak"] - q.memory["peak"] == p.memory["params"] - q.memory["params"]

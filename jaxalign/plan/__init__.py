@@ -262,6 +262,8 @@ def candidate_changes(cfg, shape: dict[str, int]) -> list[tuple[str, list[str]]]
                     "the base, and DPO's reference is the base itself",
                     ["lora.enabled=true", "lora.rank=16", "lora.alpha=32"]
                     + (["dpo.reference=auto"] if reference_kind(cfg) == "model" else [])))
+    if cfg.lora.enabled and cfg.lora.quantize == "none":
+        out.append(("store the frozen base in 4-bit NF4 (QLoRA)", ["lora.quantize=nf4"]))
     bs, per_pair = cfg.train.batch_size, 2 if cfg.stage == "dpo" else 1
     micro = cfg.train.micro_batch_size or bs
     dp = shape["data"] * shape["fsdp"]
