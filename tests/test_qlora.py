@@ -16,10 +16,9 @@ from test_lora import ALL, TOKENS, _hf_model, _logits, _peft, _peft_tensors
 from jaxalign.checkpoint import model_io
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, lora, peft as peft_io, quant
-from jaxalign.models.params import PARAMS
+from jaxalign.models.params import BY_NAME
 from jaxalign.runtime.sharding import make_mesh, use_mesh
 
-BY_NAME = {p.name: p for p in PARAMS}
 CFG = ModelConfig(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 

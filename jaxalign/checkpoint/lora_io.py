@@ -9,7 +9,6 @@ QLoRA, as the adapters saw it) with W + scale * A B folded in.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -122,9 +121,8 @@ def _merged(model: Decoder, adapters, spec: lora_lib.LoraSpec, quantize: quant.Q
     shardings = jax.tree.map(lambda x: x.sharding, pure)
     if quantize is not None:
         dtype = DTYPES[param_dtype]
-        dense = functools.partial(quant.dequantized, dtype=dtype)
+        dense = lambda q: jax.tree.map(lambda x: x.astype(dtype), quant.dequantized(q, dtype))  # noqa: E731
         pure = jax.jit(dense, out_shardings=shardings)(quant.quantize_base(pure, model.cfg, quantize, mesh, rules))
-        pure = jax.tree.map(lambda x: x.astype(dtype), pure)
     merged = jax.jit(lora_lib.merge, static_argnums=2, out_shardings=shardings)(pure, adapters, spec.scale)
     nnx.replace_by_pure_dict(state, merged)
     return nnx.merge(graphdef, state)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxalign.config.schema import LORA_TARGETS
 from jaxalign.errors import JaxalignError
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.params import PARAMS, Param
+from jaxalign.models.params import BY_NAME, Param
 from jaxalign.runtime.sharding import named_sharding
 
 # PEFT's module names -> this model's weights, in checkpoint order; "all-linear" is all of them
@@ -35,7 +35,6 @@ from jaxalign.runtime.sharding import named_sharding
 TARGETS = dict(zip(LORA_TARGETS, ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")))
 SHORT_NAMES = {name.split("_")[0]: name for name in TARGETS}  # q, k, v, o, gate, up, down
 RANK_AXIS = "lora_rank"
-BY_NAME = {p.name: p for p in PARAMS}
 
 
 @dataclasses.dataclass(frozen=True)

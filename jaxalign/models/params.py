@@ -116,6 +116,9 @@ PARAMS: tuple[Param, ...] = (
           "lm_head.weight", (1, 1), True, present=lambda c: not c.tie_word_embeddings),
 )
 
+# Every weight by name (a weight's name is unique across the model).
+BY_NAME = {p.name: p for p in PARAMS}
+
 # Names of the weights weight decay skips by default (a weight's name is unique across the model).
 NO_DECAY = frozenset(p.name for p in PARAMS if not p.decay)
 

@@ -25,13 +25,11 @@ import qwix
 
 from jaxalign.errors import JaxalignError
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.params import PARAMS, Param, _merge
+from jaxalign.models.params import BY_NAME, Param, _merge
 from jaxalign.runtime.sharding import named_sharding
 
-KINDS = ("none", "int8", "nf4")
 # The projections a quantised base stores quantised (all seven, whatever lora.targets adapts).
 QUANTIZED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-_PARAM = {p.name: p for p in PARAMS}
 # QLoRA's NormalFloat-4 levels (Dettmers et al. 2023, appendix E; the table qwix quantises to).
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
               -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -80,11 +78,6 @@ class Quantized:
         return w.reshape(*w.shape[:-2], *self.shape).astype(dtype)
 
 
-def as_dense(w, dtype) -> jax.Array:
-    """A weight in the compute dtype, dequantised when it is stored quantised."""
-    return w.dense(dtype) if isinstance(w, Quantized) else w.astype(dtype)
-
-
 def cast(w, dtype):
     """A dense weight cast to the compute dtype; a quantised one is left for `einsum` to dequantise."""
     return w if isinstance(w, Quantized) else w.astype(dtype)
@@ -107,7 +100,7 @@ def check_block_size(cfg: ModelConfig, spec: QuantSpec) -> None:
     if spec.kind != "nf4":
         return
     for name in QUANTIZED:
-        n_in = _view(_PARAM[name], cfg)[0]
+        n_in = _view(BY_NAME[name], cfg)[0]
         if n_in % spec.block_size or spec.block_size % 2:
             raise JaxalignError(f"lora.quant_block_size={spec.block_size} does not divide {name}'s {n_in} input "
                                 "features; use an even divisor of every projection's input size (64 is standard)")
@@ -141,7 +134,7 @@ def abstract_quantized(params: dict[str, Any], cfg: ModelConfig, spec: QuantSpec
     check_block_size(cfg, spec)
     layers = dict(params["layers"])
     for name in QUANTIZED:
-        p = _PARAM[name]
+        p = BY_NAME[name]
         axes = ("layers", p.axes[0], p.axes[p.groups[0]])
         out = jax.eval_shape(lambda w, p=p: quantize_weight(w, p, cfg, spec), layers[name])
         layers[name] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
@@ -155,13 +148,13 @@ def quantize_base(params: dict[str, Any], cfg: ModelConfig, spec: QuantSpec, mes
     layers = dict(params["layers"])
     for name in QUANTIZED:
         shardings = jax.tree.map(lambda s: s.sharding, target[name])
-        layers[name] = jax.jit(lambda w, p=_PARAM[name]: quantize_weight(w, p, cfg, spec),
+        layers[name] = jax.jit(lambda w, p=BY_NAME[name]: quantize_weight(w, p, cfg, spec),
                                out_shardings=shardings)(layers[name])
     return {**params, "layers": layers}
 
 
 def dequantized(params: dict[str, Any], dtype=None) -> dict[str, Any]:
     """A quantised tree back to dense weights (in `dtype`, else fp32): the model a QLoRA base stands for."""
-    layers = {name: as_dense(w, dtype or jnp.float32) if isinstance(w, Quantized) else w
+    layers = {name: w.dense(dtype or jnp.float32) if isinstance(w, Quantized) else w
               for name, w in params["layers"].items()}
     return {**params, "layers": layers}
