@@ -18,22 +18,25 @@ def _score(args: argparse.Namespace) -> int:
     from jaxalign.eval.score import run_score
 
     n = run_score(args.model, args.data, args.out, batch_size=args.batch_size, tokenizer_path=args.tokenizer,
-                  dtype=args.dtype)
+                  dtype=args.dtype, reward=args.reward)
     print(f"scored {n} rows -> {args.out}")
     return 0
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="summed log-prob of each row's completion given its prompt",
+    p = sub.add_parser("score", help="summed log-prob of each row's completion given its prompt (or its reward)",
                        description="For each JSONL row (prompt/completion text, or prompt_ids/completion_ids), "
                                    "write the row plus `logp` (summed log-prob of the completion tokens) and "
-                                   "`num_tokens`. Batched, jit-compiled, sharded over all devices.")
+                                   "`num_tokens`; with --reward (a reward model) the row plus `reward`. Batched, "
+                                   "jit-compiled, sharded over all devices.")
     p.add_argument("--model", required=True, help="HF model dir or jaxalign checkpoint dir")
     p.add_argument("--data", required=True, help="input JSONL")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     p.add_argument("--tokenizer", default="", help="tokenizer dir or .model (default: the model's own)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--reward", action="store_true", help="the model is a reward model (stage rm, or an HF "
+                   "*ForSequenceClassification dir): write each row's `reward`")
     _COMMANDS["score"] = _score
 
 
@@ -54,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="run one stage (SFT or DPO, from the config's `stage`)",
+    p = sub.add_parser("train", help="run one stage (SFT, DPO or a reward model, from the config's `stage`)",
                        description="Train one stage: the config's `stage`, with its `{stage}.overrides` applied "
                                    "(as `pipeline` runs it). The run dir (output_dir) receives config.yaml, "
                                    "status.json, metrics.jsonl, checkpoints/{step}/, best.json and summary.json. "

@@ -56,9 +56,9 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
     need(d["max_rows"] >= 0, "data.max_rows", "must be >= 0 (0 = all rows)")
     need(not is_remote(d["cache_dir"]), "data.cache_dir",
          "must be a local directory (datasets memory-maps the tokenized cache from local disk)")
-    if c["stage"] == "dpo":
+    if c["stage"] in ("dpo", "rm"):
         need(d["format"] in ("auto", "preference"), "data.format",
-             "must be 'auto' or 'preference' for stage dpo (DPO trains on chosen/rejected pairs)")
+             f"must be 'auto' or 'preference' for stage {c['stage']} (it trains on chosen/rejected pairs)")
     else:
         need(d["format"] != "preference" or d["sft_from_preference"], "data.format",
              "is 'preference' but stage is sft: set data.sft_from_preference=true "
@@ -93,19 +93,31 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
     k = c["checkpoint"]
     need(k["every_steps"] >= 0, "checkpoint.every_steps", "must be >= 0 (0 = only at the end)")
     need(k["keep"] >= 1, "checkpoint.keep", "must be >= 1")
-    need(not (c["stage"] == "sft" and k["best_metric"] == "eval_rewards_accuracy"),
-         "checkpoint.best_metric", "is a DPO metric; use 'auto' or 'eval_loss' for stage sft")
+    for metric, stage in (("eval_rewards_accuracy", "dpo"), ("eval_accuracy", "rm")):
+        need(k["best_metric"] != metric or c["stage"] == stage, "checkpoint.best_metric",
+             f"{metric} is a metric of stage {stage}; use 'auto' or 'eval_loss' for stage {c['stage']}")
 
     e, g = c["eval"], c["generate"]
     need(e["batch_size"] >= 1, "eval.batch_size", "must be >= 1")
     need(e["max_new_tokens"] >= 1, "eval.max_new_tokens", "must be >= 1")
     need(e["num_generations"] >= 0, "eval.num_generations", "must be >= 0")
+    need(e["kl_samples"] >= 0, "eval.kl_samples", "must be >= 0 (0 = off)")
+    kind, sep, path = e["judge"].partition(":")
+    need(not sep or kind in ("reward", "llm", "likelihood") or "/" in kind or len(kind) <= 1 or path.startswith("//"),
+         "eval.judge", f"unknown judge kind {kind!r}: use reward:PATH, llm:PATH, likelihood:PATH, a model PATH, "
+         "or '' (the task's judge)")
+    for field in ("{prompt}", "{first}", "{second}"):
+        need(not e["judge_template"] or field in e["judge_template"], "eval.judge_template", f"must contain {field}")
     need(g["max_new_tokens"] >= 1, "generate.max_new_tokens", "must be >= 1")
     need(g["temperature"] >= 0, "generate.temperature", "must be >= 0 (0 = greedy)")
     need(g["top_k"] >= 0, "generate.top_k", "must be >= 0 (0 = off)")
     need(0.0 < g["top_p"] <= 1.0, "generate.top_p", "must be in (0, 1]")
 
     need(c["sft"]["z_loss"] >= 0, "sft.z_loss", "must be >= 0")
+    need(c["rm"]["center_rewards_coefficient"] >= 0, "rm.center_rewards_coefficient", "must be >= 0")
+    need(not (c["stage"] == "rm" and c["lora"]["enabled"]), "lora.enabled",
+         "is not supported for stage rm yet (the score head would have to train beside the adapters); "
+         "train the reward model fully")
     p = c["dpo"]
     errors += _lora_errors(c, need)
     need(p["beta"] > 0, "dpo.beta", "must be > 0")

@@ -3,8 +3,9 @@
 This table is the one source of truth: `default_config()` builds the ConfigDict from it and
 `validate()` checks types and choices against it. A section is a nested dict; a key is a
 `Field`. Its type is inferred from the default unless given (`STR_OR_LIST` for data files).
-Four keys hold free-form mappings whose inner keys are not checked here: `model.config`,
-`mesh.rules`, and `sft.overrides` / `dpo.overrides` (checked as config keys by `stage_config`).
+Five keys hold free-form mappings whose inner keys are not checked here: `model.config`,
+`mesh.rules`, and `sft.overrides` / `dpo.overrides` / `rm.overrides` (checked as config keys by
+`stage_config`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class Field:
 F = Field
 
 SCHEMA: dict[str, Any] = {
-    "stage": F("sft", "which stage this run trains", ("sft", "dpo")),
+    "stage": F("sft", "which stage this run trains: sft, dpo, or rm (a Bradley-Terry reward model on the "
+               "preference data)", ("sft", "dpo", "rm")),
     "output_dir": F("runs/default", "run dir: config.yaml, metrics.jsonl, checkpoints/, eval/"),
     "run_name": F("", "name shown in logs and reports; '' = basename of output_dir"),
     "model": {
@@ -142,7 +144,8 @@ SCHEMA: dict[str, Any] = {
         "keep": F(3, "most recent checkpoints kept"),
         "keep_best": F(True, "also keep the best checkpoint by checkpoint.best_metric"),
         "best_metric": F("auto", "metric that picks the best checkpoint; auto = eval_loss for SFT, "
-                         "eval_rewards_accuracy for DPO", ("auto", "eval_loss", "eval_rewards_accuracy")),
+                         "eval_rewards_accuracy for DPO, eval_accuracy for a reward model",
+                         ("auto", "eval_loss", "eval_rewards_accuracy", "eval_accuracy")),
         "async_save": F(True, "write checkpoints in the background"),
         "save_at_epoch_end": F(True, "also save at the end of each epoch"),
     },
@@ -152,8 +155,13 @@ SCHEMA: dict[str, Any] = {
         "max_new_tokens": F(64, "tokens generated per prompt in generative eval"),
         "num_generations": F(64, "held-out prompts generated for in generative eval; 0 = all"),
         "task": F("", "registered task whose programs check skill and judge pairs (e.g. 'demo'); '' = none"),
-        "judge": F("", "judge model path for win-rates when no task is set: prefers the completion with the "
-                       "higher mean token log-prob under it; '' = the task's judge"),
+        "judge": F("", "who judges the win-rates: reward:PATH (a reward model), llm:PATH (a causal LM asked "
+                       "eval.judge_template in both orders), likelihood:PATH or a bare PATH (the higher mean token "
+                       "log-prob), or '' = the task's judge"),
+        "judge_template": F("", "the llm judge's question, with {prompt}, {first} and {second}; it is answered "
+                                "with A or B; '' = the built-in helpful/honest/harmless question"),
+        "kl_samples": F(32, "held-out prompts each model samples (temperature 1) to estimate its KL from the SFT "
+                            "model; 0 = off"),
         "prompts": F("", "held-out prompts (JSONL: prompt + the task's fields) for generative eval"),
         "sft_data": F("", "held-out SFT data for NLL / perplexity; '' = the SFT stage's data.eval"),
         "preference_data": F("", "held-out pairs for implicit-reward accuracy; '' = the DPO stage's data.eval"),
@@ -184,6 +192,11 @@ SCHEMA: dict[str, Any] = {
                        "adapters_off with lora, else model", ("auto", "model", "adapters_off", "precomputed")),
         "init_from": F("", "SFT run dir or checkpoint to start from (and use as reference)"),
         "overrides": F({}, "config keys set for the DPO stage of `jaxalign pipeline`, e.g. {train: {max_steps: 50}}"),
+    },
+    "rm": {
+        "center_rewards_coefficient": F(0.0, "weight of (r+ + r-)^2 in the reward model's loss (TRL's; keeps "
+                                        "rewards centred on 0); 0 = off"),
+        "overrides": F({}, "config keys set for the reward-model stage of `jaxalign pipeline`"),
     },
 }
 

@@ -75,6 +75,16 @@ def dpo_ref_logps(pairs: Sequence[Mapping], num_pairs: int | None = None) -> np.
     return out
 
 
+def pair_margins(pairs: Sequence[Mapping], num_pairs: int | None = None) -> np.ndarray | None:
+    """[2 * num_pairs] each pair's `margin` on both its rows (the reward model's loss), or None without one."""
+    if not pairs or "margin" not in pairs[0]:
+        return None
+    num_pairs = len(pairs) if num_pairs is None else num_pairs
+    out = np.zeros(2 * num_pairs, np.float32)
+    out[:len(pairs)] = out[num_pairs:num_pairs + len(pairs)] = [p["margin"] for p in pairs]
+    return out
+
+
 def dpo_batch(pairs: Sequence[Mapping], length: int, pad_id: int = 0,
               num_pairs: int | None = None) -> dict[str, np.ndarray]:
     """[2 * num_pairs, length] batch arrays: rows i and num_pairs + i are pair i's chosen and rejected."""

@@ -175,15 +175,15 @@ def _dpo_report(pairs: Sequence[Mapping], tokenizer: Any, cfg_data: Any) -> list
 
 def inspect_data(examples: Sequence[Mapping], stats: Any, tokenizer: Any, stage: str,
                  cfg_data: Any) -> str:
-    """The `jaxalign data inspect` report for tokenized `examples` of `stage` ("sft" or "dpo").
+    """The `jaxalign data inspect` report for tokenized `examples` of `stage` ("sft", or pairs: "dpo", "rm").
 
     `stats` are the tokenize stage's counters (rows read, truncated, dropped, ...: a Mapping, nested
     mappings flattened, or an object with `to_dict()`, like DataStats); `cfg_data` is
     the config's `data` section (max_length, packing, pad_to_multiple_of); `tokenizer` decodes
     (None shows raw ids).
     """
-    unit = "pairs" if stage == "dpo" else "examples"
-    lines = [f"stage: {stage}", f"{unit}: {len(examples)}", *_stats_lines(stats, len(examples))]
-    lines += _dpo_report(examples, tokenizer, cfg_data) if stage == "dpo" else _sft_report(examples, tokenizer,
-                                                                                          cfg_data)
+    paired = stage != "sft"
+    lines = [f"stage: {stage}", f"{'pairs' if paired else 'examples'}: {len(examples)}",
+             *_stats_lines(stats, len(examples))]
+    lines += _dpo_report(examples, tokenizer, cfg_data) if paired else _sft_report(examples, tokenizer, cfg_data)
     return "\n".join(lines) + "\n"

@@ -7,7 +7,8 @@ Every process holds the same tokenized examples and derives the same plan for an
   data.max_length, shuffle the rows, and cut them into batches of train.batch_size rows. Every
   step has the same [batch_size, max_length] shape (one compile); batch_size counts packed rows.
 * SFT, unpacked: batch_size examples per step, one per row, padded to a bucketed length.
-* DPO: batch_size pairs per step -> 2 * batch_size rows (chosen first), bucketed length.
+* DPO and the reward model (rm): batch_size pairs per step -> 2 * batch_size rows (chosen first),
+  bucketed length; a reward model's pairs with a `margin` give the batch a [2 * batch_size] `margin`.
 
 The iterator's whole state is (epoch, step within the epoch), so `state()` is a tiny JSON dict
 and `restore()` resumes with exactly the batches an uninterrupted run would have produced next.
@@ -29,7 +30,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxalign.data.batching import bucket_length, check_pair, dpo_ref_logps, dpo_rows, pair_lengths, sft_rows
+from jaxalign.data.batching import (
+    bucket_length,
+    check_pair,
+    dpo_ref_logps,
+    dpo_rows,
+    pair_lengths,
+    pair_margins,
+    sft_rows,
+)
 from jaxalign.data.packing import pack_bfd, pack_rows
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.sharding import batch_sharding, data_parallel_size
@@ -81,8 +90,8 @@ class BatchIterator:
                  pad_to_multiple_of: int = 64, packing: bool = True, shuffle: bool = True, seed: int = 0,
                  pad_id: int = 0, epochs: int | None = None, drop_remainder: bool = True,
                  mesh: Mesh | None = None):
-        if stage not in ("sft", "dpo"):
-            raise JaxalignError(f"stage must be 'sft' or 'dpo', got {stage!r}")
+        if stage not in ("sft", "dpo", "rm"):
+            raise JaxalignError(f"stage must be 'sft', 'dpo' or 'rm', got {stage!r}")
         if batch_size < 1:
             raise JaxalignError(f"train.batch_size must be >= 1, got {batch_size}")
         self.examples = examples
@@ -96,19 +105,20 @@ class BatchIterator:
         self.pad_id = pad_id
         self.epochs = epochs
         self.drop_remainder = drop_remainder
-        self.global_rows = 2 * batch_size if stage == "dpo" else batch_size
+        self.paired = stage != "sft"
+        self.global_rows = 2 * batch_size if self.paired else batch_size
         self.local_rows = host_rows(mesh, self.global_rows) if mesh is not None else np.arange(self.global_rows)
         self.lengths = self._lengths()
         self.epoch, self.step = 0, 0
         self._plan_cache: tuple[int, list[list]] | None = None
         if not self._plan(0):
-            unit = "packed rows" if self.packing else "pairs" if stage == "dpo" else "examples"
+            unit = "packed rows" if self.packing else "pairs" if self.paired else "examples"
             raise JaxalignError(f"the data gives {len(self._units(0))} {unit}, fewer than one batch of "
                                 f"train.batch_size={batch_size}; lower the batch size or add data")
 
     def _lengths(self) -> np.ndarray:
         """Tokens per example ([n] for SFT, [n, 2] chosen/rejected for DPO), checked once."""
-        if self.stage == "dpo":
+        if self.paired:
             for i, pair in enumerate(self.examples):
                 check_pair(pair, f"example {i}")
             lengths = np.array([pair_lengths(p) for p in self.examples], np.int64).reshape(-1, 2)
@@ -166,10 +176,12 @@ class BatchIterator:
         return batch
 
     def _build(self, units: list) -> dict[str, np.ndarray]:
-        if self.stage == "dpo":
+        extra: dict[str, np.ndarray | None] = {}
+        if self.paired:
             pairs = [self.examples[i] for i in units]
             rows = dpo_rows(pairs, self.batch_size)
-            ref = dpo_ref_logps(pairs, self.batch_size)
+            extra = {"ref_logps": dpo_ref_logps(pairs, self.batch_size),
+                     "margin": pair_margins(pairs, self.batch_size) if self.stage == "rm" else None}
             length = bucket_length(int(self.lengths[units].max()), self.pad_to_multiple_of, self.max_length)
         elif self.packing:
             rows = [[self.examples[i] for i in row] for row in units]
@@ -179,8 +191,7 @@ class BatchIterator:
             rows = sft_rows([self.examples[i] for i in units], self.batch_size)
             length = bucket_length(int(self.lengths[units].max()), self.pad_to_multiple_of, self.max_length)
         batch = pack_rows([rows[r] for r in self.local_rows], length, self.pad_id)
-        if self.stage == "dpo" and ref is not None:
-            batch["ref_logps"] = ref[self.local_rows]
+        batch.update({k: v[self.local_rows] for k, v in extra.items() if v is not None})
         return batch
 
     # --- resume

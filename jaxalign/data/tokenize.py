@@ -110,17 +110,21 @@ def tokenize_dataset(
     """Normalize and tokenize every row: (examples dataset, stats). Cached on disk; see the module doc.
 
     cfg_data: the `data` config section (format, lengths, truncation, on_bad_row, sft_from_preference,
-    cache_dir). stage: "sft" or "dpo". loss_on: `sft.loss_on`. cache_dir: overrides data.cache_dir.
+    cache_dir). stage: "sft", or "dpo" / "rm" (pairs; a `margin` column is kept for the reward model's
+    loss, TRL's). loss_on: `sft.loss_on`. cache_dir: overrides data.cache_dir.
     source: the name quoted in errors for rows without a `_source` column (see `load_rows`).
     """
-    if stage not in ("sft", "dpo"):
-        raise JaxalignError(f"tokenize_dataset: stage must be 'sft' or 'dpo', got {stage!r}")
+    if stage not in ("sft", "dpo", "rm"):
+        raise JaxalignError(f"tokenize_dataset: stage must be 'sft', 'dpo' or 'rm', got {stage!r}")
+    stage = "dpo" if stage == "rm" else stage  # the same pairs, the same cache
     settings = TokenizeSettings.from_config(cfg_data, loss_on if stage == "sft" else "completion")
     on_bad_row = data_value(cfg_data, "on_bad_row")
     from_pref = data_value(cfg_data, "sft_from_preference")
     fmt = resolve_format(ds.column_names, data_value(cfg_data, "format"), stage, from_pref)
     preference_rows = fmt == "preference"
-    features = datasets.Features((PREFERENCE_FEATURES if stage == "dpo" else SFT_FEATURES) | _ROW_FEATURES)
+    margins = stage == "dpo" and "margin" in ds.column_names
+    features = datasets.Features((PREFERENCE_FEATURES if stage == "dpo" else SFT_FEATURES) | _ROW_FEATURES
+                                 | ({"margin": datasets.Value("float32")} if margins else {}))
     empty = {k: [] for k in features if not k.startswith("_")}
 
     def process(row: dict[str, Any], index: int) -> dict[str, Any]:
@@ -130,6 +134,8 @@ def tokenize_dataset(
                 pref = normalize_preference_row(row)
                 if stage == "dpo":
                     example, flags = tokenize_preference_example(pref, tokenizer, settings)
+                    if margins:
+                        example = {**example, "margin": _margin(row)}
                 else:
                     example, flags = tokenize_sft_example(preference_to_sft(pref), tokenizer, settings)
             else:
@@ -140,7 +146,7 @@ def tokenize_dataset(
                     f"{where}: {e} [{e.reason}]. Fix the row, or set data.on_bad_row: skip to skip such rows "
                     "(they are counted)"
                 ) from None
-            return empty | {"_drop": f"{e.reason}\t{where}: {e}", "_truncated_prompt": False,
+            return empty | ({"margin": 0.0} if margins else {}) | {"_drop": f"{e.reason}\t{where}: {e}", "_truncated_prompt": False,
                             "_truncated_completion": False, "_prompt_not_prefix": 0}
         return example | flags | {"_drop": ""}
 
@@ -164,6 +170,13 @@ def tokenize_dataset(
         raise JaxalignError(f"every one of the {stats.rows_in} rows of {source or 'the data'} was dropped:\n"
                             + stats.summary())
     return examples, stats
+
+
+def _margin(row: dict[str, Any]) -> float:
+    value = row.get("margin")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise BadRow("bad_margin", f"'margin' must be a finite number, got {value!r:.40}")
+    return float(value)
 
 
 def _collect(mapped: datasets.Dataset, from_cache: bool) -> tuple[datasets.Dataset, DataStats]:

@@ -2,7 +2,9 @@
 
 Per model: held-out NLL / perplexity of reference responses; implicit-reward accuracy and margin on
 held-out pairs relative to the SFT model; greedy generations on held-out prompts, checked by the
-task's program (skill accuracy, style rate) and judged pairwise against the SFT model's (win-rate).
+task's program (skill accuracy, style rate), their mean length, and judged pairwise against the SFT
+model's by `eval.judge` (eval/judges.py): win-rate with its 95% interval and ties, and the
+length-controlled win-rate; the KL from the SFT model on the model's own samples (eval.kl_samples).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from jaxalign.data.pipeline import load_examples
 from jaxalign.data.sources import load_rows
 from jaxalign.data.tokenize import resolve_cache_dir, tokenize_dataset
 from jaxalign.errors import JaxalignError
-from jaxalign.eval.generate import SamplingParams, generate_text
+from jaxalign.eval import winrate
+from jaxalign.eval.generate import SamplingParams, generate, generate_text
+from jaxalign.eval.judges import TaskJudge, build_judge
 from jaxalign.eval.report import build_report, write_report
 from jaxalign.eval.score import read_jsonl, score_rows
 from jaxalign.run.build import mesh_from_config, model_options, objective_from_config, run_tokenizer
@@ -83,6 +87,12 @@ class Evaluator:
         self.pad_id = self.tokenizer.pad_id or 0
         # Greedy, so every stage is compared on deterministic outputs; only the stop strings come from `generate:`.
         self.sampling = SamplingParams(cfg.eval.max_new_tokens, stop=cfg.generate.stop)
+        self.judge = build_judge(cfg.eval.judge, self.task, mesh=self.mesh, load=self.load,
+                                 tokenizer_of=lambda path: run_tokenizer_of(path, cfg), batch_size=cfg.eval.batch_size,
+                                 template=cfg.eval.judge_template) if self.held_out.prompts else None
+        # A model judge on a task with its own judge: how often they agree is reported beside the win-rate.
+        self.task_judge = TaskJudge(self.task) if hasattr(self.task, "judge_pair") and not isinstance(
+            self.judge, TaskJudge) else None
 
     def load(self, path: str):
         with use_mesh(self.mesh, self.rules):
@@ -126,33 +136,56 @@ class Evaluator:
             out["style_rate"] = sum(self.task.style_score(c) for c in completions) / len(rows)
         return out
 
-    def win_rate(self, completions: Sequence[str], sft_completions: Sequence[str], judge_model=None) -> dict:
-        """Pairwise judgement of each generation against the SFT model's on the same prompt (ties: half)."""
+    def win_rate(self, completions: Sequence[str], sft_completions: Sequence[str]) -> dict:
+        """Each generation judged against the SFT model's on the same prompt: the win-rate (ties half) with its
+        95% interval, the counts, and the length-controlled win-rate (lengths in characters)."""
         rows = self.held_out.prompts
-        if not completions or not sft_completions:
+        if not completions or not sft_completions or self.judge is None:
             return {}
-        if self.task is not None and hasattr(self.task, "judge_pair"):
-            verdicts = [self.task.judge_pair(r, a, b) for r, a, b in zip(rows, completions, sft_completions)]
-        elif judge_model is not None:
-            verdicts = self.likelihood_verdicts(judge_model, rows, completions, sft_completions)
-        else:
-            return {}
-        wins, losses = verdicts.count(1), verdicts.count(-1)
-        n = len(verdicts)
-        return {"win_rate_vs_sft": (wins + 0.5 * (n - wins - losses)) / n, "wins": wins, "losses": losses,
-                "ties": n - wins - losses, "judged": n}
+        verdicts = self.judge(rows, completions, sft_completions)
+        stats = winrate.win_rate(verdicts)
+        out = {"win_rate_vs_sft": stats["win_rate"], "win_rate_ci_low": stats["ci_low"],
+               "win_rate_ci_high": stats["ci_high"], **{k: stats[k] for k in ("wins", "losses", "ties", "judged")},
+               "lc_win_rate_vs_sft": winrate.length_controlled_win_rate(
+                   verdicts, [len(c) for c in completions], [len(c) for c in sft_completions])}
+        if self.task_judge is not None:
+            task = self.task_judge(rows, completions, sft_completions)
+            out["judge_agreement_with_task"] = sum(a == b for a, b in zip(verdicts, task)) / len(rows)
+        return out
 
-    def likelihood_verdicts(self, judge_model, rows, a: Sequence[str], b: Sequence[str]) -> list[int]:
-        """A judge model prefers the completion with the higher mean token log-prob given the prompt."""
+    def generation_length(self, completions: Sequence[str]) -> dict[str, float]:
+        if not completions:
+            return {}
+        return {"mean_gen_tokens": sum(len(self.tokenizer.encode(c)) for c in completions) / len(completions)}
+
+    def kl_from_sft(self, model, sft_model) -> dict[str, float]:
+        """KL(model || SFT) per token on eval.kl_samples of the model's own samples (temperature 1, no stop
+        strings: a sample ends at EOS, which is scored too, or at eval.max_new_tokens)."""
+        n = min(self.cfg.eval.kl_samples, len(self.held_out.prompts))
+        if not n or sft_model is None:
+            return {}
+        rows = self.held_out.prompts[:n]
+        params = SamplingParams(self.cfg.eval.max_new_tokens, temperature=1.0, seed=self.cfg.train.seed)
+        with use_mesh(self.mesh, self.rules):
+            samples = generate(model, self.tokenizer, [r["prompt"] for r in rows], params, mesh=self.mesh,
+                               batch_size=self.cfg.eval.batch_size)
         entries = []
-        for i, row in enumerate(rows):
-            prompt = encode_prompt(self.tokenizer, row["prompt"])
-            for text in (a[i], b[i]):
-                ids = self.tokenizer.encode(text) or [self.tokenizer.eos_id]
-                entries.append((f"prompt {i}", prompt, ids))
-        scores = score_rows(judge_model, entries, self.mesh, self.cfg.eval.batch_size, pad_id=self.pad_id)
-        mean = [logp / max(n, 1) for logp, n in scores]
-        return [(mean[2 * i] > mean[2 * i + 1]) - (mean[2 * i] < mean[2 * i + 1]) for i in range(len(rows))]
+        for i, (row, sample) in enumerate(zip(rows, samples)):
+            ids = sample.completion_ids + ([self.tokenizer.eos_id] if sample.finish_reason == "stop" else [])
+            if ids:
+                entries.append((f"sample {i}", encode_prompt(self.tokenizer, row["prompt"]), ids))
+        if not entries:
+            return {}
+        ours, sft = (score_rows(m, entries, self.mesh, self.cfg.eval.batch_size, pad_id=self.pad_id)
+                     for m in (model, sft_model))
+        return {"kl_vs_sft": winrate.kl_per_token([lp for lp, _ in ours], [lp for lp, _ in sft], [n for _, n in ours])}
+
+
+def run_tokenizer_of(path: str, cfg):
+    """A judge model's own tokenizer (its chat template from the model, not the run's override)."""
+    from jaxalign.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(model_io.tokenizer_path(path)), "", cfg.model.trust_remote_code)
 
 
 def _task(name: str):
@@ -182,7 +215,6 @@ def run_eval(cfg, models: Mapping[str, str], out_dir: paths.PathLike,
     ev = Evaluator(cfg)
     order = sorted(models, key=lambda name: name != "sft")  # the SFT model first: it is everyone's reference
     sft_model = ev.load(models["sft"]) if "sft" in models else None
-    judge = ev.load(cfg.eval.judge) if cfg.eval.judge and ev.task is None else None
     by_model: dict[str, dict[str, Any]] = {}
     completions: dict[str, list[str]] = {}
     for name in order:
@@ -192,8 +224,10 @@ def run_eval(cfg, models: Mapping[str, str], out_dir: paths.PathLike,
         metrics = {**ev.nll(model), **(ev.rewards(model, sft_model) if name != "sft" else {})}
         completions[name] = ev.generations(model)
         metrics.update(ev.task_metrics(completions[name]))
+        metrics.update(ev.generation_length(completions[name]))
         if name != "sft" and "sft" in completions:
-            metrics.update(ev.win_rate(completions[name], completions["sft"], judge))
+            metrics.update(ev.win_rate(completions[name], completions["sft"]))
+            metrics.update(ev.kl_from_sft(model, sft_model))
         by_model[name] = metrics
         _write_generations(out / f"generations_{name}.jsonl", ev.held_out.prompts, completions[name])
     names = [n for n in ("base", "sft", "dpo") if n in by_model] + [n for n in by_model if n not in ("base", "sft", "dpo")]
@@ -202,7 +236,7 @@ def run_eval(cfg, models: Mapping[str, str], out_dir: paths.PathLike,
         "models_paths": {n: str(models[n]) for n in names},
         "data": {"prompts": len(ev.held_out.prompts), "sft_examples": len(ev.held_out.sft_examples),
                  "pairs": len(ev.held_out.pairs), "task": cfg.eval.task or None,
-                 "judge": cfg.eval.task or cfg.eval.judge or None},
+                 "judge": ev.judge.name if ev.judge is not None else None},
         **(extras or {}),
     })
     if jax.process_index() == 0:

@@ -23,12 +23,21 @@ METRICS: dict[str, tuple[bool, str]] = {
     "style_rate": (True, "fraction of generations in the preferred style (checked by the task's program)"),
     "reward_accuracy": (True, "held-out pairs with implicit reward chosen > rejected (relative to SFT)"),
     "reward_margin": (True, "mean implicit reward margin chosen - rejected on held-out pairs (relative to SFT)"),
-    "win_rate_vs_sft": (True, "judged wins over the SFT model's generations (ties count half)"),
+    "win_rate_vs_sft": (True, "judged wins over the SFT model's generations (ties count half), with its 95% "
+                        "interval"),
+    "lc_win_rate_vs_sft": (True, "the win-rate at equal lengths: the verdicts regressed on the length difference "
+                           "(AlpacaEval 2's length-controlled win-rate)"),
+}
+# Shown beside the metrics but credited to no stage: they describe how far a stage moved, not a gain.
+INFO_METRICS: dict[str, str] = {
+    "mean_gen_tokens": "mean length of the greedy generations, in tokens",
+    "kl_vs_sft": "KL(model || SFT) per token, estimated on the model's own samples",
+    "judge_agreement_with_task": "the judge's verdicts equal to the task's programmatic judge's",
 }
 STAGE_TRANSITIONS = (("base", "sft"), ("sft", "dpo"))
 # Metrics measured against the SFT model itself, with what "no preference learnt" reads as: the SFT
 # model has no value of its own (it is the reference), and DPO is credited for beating the baseline.
-RELATIVE_TO_SFT = {"win_rate_vs_sft": 0.5, "reward_accuracy": 0.5, "reward_margin": 0.0}
+RELATIVE_TO_SFT = {"win_rate_vs_sft": 0.5, "lc_win_rate_vs_sft": 0.5, "reward_accuracy": 0.5, "reward_margin": 0.0}
 
 
 @dataclasses.dataclass
@@ -96,21 +105,30 @@ def build_report(by_model: Mapping[str, Mapping[str, Any]], extras: Mapping[str,
                                    int(dpo.get("losses", 0)))
         if warning:
             warnings.append(warning)
+        raw, lc = dpo.get("win_rate_vs_sft"), dpo.get("lc_win_rate_vs_sft")
+        if _number(raw) and _number(lc) and raw - lc > 0.05:
+            warnings.append(f"DPO's win-rate over SFT falls from {raw:.1%} to {lc:.1%} when lengths are controlled: "
+                            "part of the gain is longer replies (DPO's known length exploitation)")
     return {"models": {k: dict(v) for k, v in by_model.items()},
             "credits": [dataclasses.asdict(c) | {"line": c.line()} for c in credits],
             "warnings": warnings, **extras}
 
 
+def _shown(report: Mapping[str, Any]) -> list[str]:
+    """The metrics and descriptive figures any model has, in table order."""
+    return [m for m in (*METRICS, *INFO_METRICS) if any(_number(v.get(m)) for v in report["models"].values())]
+
+
 def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     models = list(report["models"])
-    shown = [m for m in METRICS if any(_number(report["models"][k].get(m)) for k in models)]
+    shown = _shown(report)
     lines = ["# Stage comparison", ""]
     if report.get("title"):
         lines += [str(report["title"]), ""]
     lines += ["| metric | " + " | ".join(models) + " | credited to |", "|---|" + "---|" * (len(models) + 1)]
     by_metric = {c["metric"]: c for c in report["credits"]}
     for m in shown:
-        cells = [_fmt(m, report["models"][k].get(m)) for k in models]
+        cells = [_cell(m, report["models"][k]) for k in models]
         stage = by_metric.get(m, {}).get("stage")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {stage.upper() if stage else '—'} |")
     lines += ["", "## Credits", ""] + [f"- {c['line']}" for c in report["credits"]]
@@ -119,14 +137,38 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
     if gate and _number(gate.get("sft_skill")):
         lines += ["", "## SFT gate", "", f"- held-out skill of the SFT model {gate['sft_skill']:.1%} vs "
                   f"eval.min_sft_skill {gate['min_sft_skill']:.1%}: {'passed' if gate['passed'] else 'FAILED'}"]
+    lines += _alignment_tax(report["models"])
     lines += ["", "## Metrics", ""] + [f"- `{m}`: {METRICS[m][1]} ({'higher' if METRICS[m][0] else 'lower'} is "
-                                       "better)" for m in shown]
+                                       "better)" if m in METRICS else f"- `{m}`: {INFO_METRICS[m]}" for m in shown]
     for key, title in (("data", "Held-out data"), ("models_paths", "Models")):
         if report.get(key):
             lines += ["", f"## {title}", "", "```", json.dumps(report[key], indent=2), "```"]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{pathlib.Path(p).stem}]({pathlib.Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _alignment_tax(by_model: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The skill SFT installed and DPO kept (the alignment tax is what it lost), and how far DPO moved."""
+    sft, dpo = by_model.get("sft", {}), by_model.get("dpo", {})
+    a, b = sft.get("skill_accuracy"), dpo.get("skill_accuracy")
+    if not (_number(a) and _number(b)):
+        return []
+    kept = f"kept {b / a:.1%} of it" if a > 0 else "SFT had none to keep"
+    line = f"- skill_accuracy SFT {a:.1%} -> DPO {b:.1%} ({100 * (b - a):+.1f} points; {kept})"
+    if _number(dpo.get("kl_vs_sft")):
+        line += f"; DPO's KL from SFT {dpo['kl_vs_sft']:.4g} nats/token"
+    return ["", "## Alignment tax", "", line]
+
+
+def _cell(metric: str, values: Mapping[str, Any]) -> str:
+    text = _fmt(metric, values.get(metric))
+    low, high = values.get("win_rate_ci_low"), values.get("win_rate_ci_high")
+    if metric == "win_rate_vs_sft" and _number(low) and _number(high):
+        text += f" [{low:.1%}, {high:.1%}]"
+        if values.get("ties"):
+            text += f", {values['ties']} ties"
+    return text
 
 
 def write_report(out_dir: paths.PathLike, report: Mapping[str, Any],
@@ -146,14 +188,21 @@ def write_report(out_dir: paths.PathLike, report: Mapping[str, Any],
 def plot_metric_bars(report: Mapping[str, Any], path: paths.Path) -> list[paths.Path]:
     plt = _pyplot()
     models = list(report["models"])
-    shown = [m for m in METRICS if any(_number(report["models"][k].get(m)) for k in models)]
+    shown = _shown(report)
     if plt is None or not shown:
         return []
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], shown):
         values = [report["models"][k].get(metric) for k in models]
         # NaN draws no bar: a metric a model was not measured on must not read as 0.
-        ax.bar(models, [v if _number(v) else math.nan for v in values], color=["#999999", "#4c72b0", "#dd8452"][:len(models)])
+        bars = [v if _number(v) else math.nan for v in values]
+        errors = None
+        if metric == "win_rate_vs_sft":  # the 95% interval as error bars
+            errors = [[v - m.get("win_rate_ci_low", v) if _number(v) else 0 for v, m in
+                       zip(bars, report["models"].values())],
+                      [m.get("win_rate_ci_high", v) - v if _number(v) else 0 for v, m in
+                       zip(bars, report["models"].values())]]
+        ax.bar(models, bars, yerr=errors, capsize=4, color=["#999999", "#4c72b0", "#dd8452"][:len(models)])
         ax.set_title(metric, fontsize=9)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
@@ -213,7 +262,8 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-RATES = ("skill_accuracy", "style_rate", "reward_accuracy", "win_rate_vs_sft")
+RATES = ("skill_accuracy", "style_rate", "reward_accuracy", "win_rate_vs_sft", "lc_win_rate_vs_sft",
+         "judge_agreement_with_task")
 
 
 def _fmt(metric: str, x: Any) -> str:

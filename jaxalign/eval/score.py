@@ -1,6 +1,7 @@
-"""`jaxalign score`: the summed log-prob of each row's completion given its prompt.
+"""`jaxalign score`: the summed log-prob of each row's completion given its prompt, or (`--reward`, a reward
+model) the score of prompt + completion.
 
-Used to build preference data and to precompute DPO reference log-probs. Rows are text
+Used to build preference data, to precompute DPO reference log-probs and to judge. Rows are text
 (`prompt`, `completion`: the prompt tokenized with the tokenizer's special tokens, the completion
 without, no EOS added) or ids (`prompt_ids`, `completion_ids`, used as given).
 """
@@ -8,7 +9,7 @@ without, no EOS added) or ids (`prompt_ids`, `completion_ids`, used as given).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -67,47 +68,72 @@ def check_ids(prompt: Sequence[int], completion: Sequence[int], vocab_size: int 
                                 f"(ids 0..{vocab_size - 1})")
 
 
-def make_score_fn(graphdef: nnx.GraphDef, chunk_size: int = 0):
-    @jax.jit
-    def score(state, batch):
-        model = nnx.merge(graphdef, state)
-        return sequence_logprobs(model, batch, chunk_size)
+def jit_per_row(graphdef: nnx.GraphDef, fn: Callable):
+    """jit(state, batch) -> fn(model, batch): per-row outputs of a batch of padded rows."""
+    return jax.jit(lambda state, batch: fn(nnx.merge(graphdef, state), batch))
 
-    return score
+
+def model_rewards(model, batch) -> jax.Array:
+    """A reward model's score of each row."""
+    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return model.rewards(hidden, batch["tokens"], batch["segment_ids"])
+
+
+def apply_batched(model, sequences: Sequence[dict], fn: Callable, mesh, batch_size: int = 8,
+                  pad_to_multiple_of: int = 64, pad_id: int = 0) -> list:
+    """fn(model, batch)'s per-row outputs for each sequence ({"input_ids", "loss_mask"}), in input order:
+    one sequence per padded row, batches sharded over the mesh's data-parallel axes."""
+    rows_per_batch = round_up(max(batch_size, 1), data_parallel_size(mesh))
+    graphdef, state = nnx.split(model)
+    compiled = jit_per_row(graphdef, fn)
+    sharding = batch_sharding(mesh)
+    results: list = [None] * len(sequences)
+    # Longest first, so each batch pads to similar lengths and few distinct shapes compile.
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]["input_ids"]))
+    with use_mesh(mesh):
+        for start in range(0, len(order), rows_per_batch):
+            idx = order[start:start + rows_per_batch]
+            length = round_up(max(len(sequences[i]["input_ids"]) for i in idx), pad_to_multiple_of)
+            host = pack_rows([[sequences[i]] for i in idx], length, pad_id, num_rows=rows_per_batch)
+            out = jax.device_get(compiled(state, {k: jax.device_put(v, sharding) for k, v in host.items()}))
+            for j, i in enumerate(idx):
+                results[i] = jax.tree.map(lambda a: a[j], out)
+    return results
+
+
+def _sequences(rows: Iterable[tuple[str, list[int], list[int]]], vocab_size: int | None) -> list[dict]:
+    out = []
+    for where, prompt, completion in rows:
+        check_ids(prompt, completion, vocab_size, where)
+        out.append(completion_sequence(prompt, completion))
+    return out
 
 
 def score_rows(model, rows: Iterable[tuple[str, list[int], list[int]]], mesh, batch_size: int = 8,
                pad_to_multiple_of: int = 64, pad_id: int = 0, chunk_size: int = 0,
                vocab_size: int | None = None) -> list[tuple[float, int]]:
     """(summed log-prob, number of completion tokens) for each (where, prompt_ids, completion_ids)."""
-    rows = list(rows)
-    examples = []
-    for where, prompt, completion in rows:
-        check_ids(prompt, completion, vocab_size, where)
-        examples.append(completion_sequence(prompt, completion))
-    data_parallel = data_parallel_size(mesh)
-    rows_per_batch = round_up(max(batch_size, 1), data_parallel)
-    graphdef, state = nnx.split(model)
-    score = make_score_fn(graphdef, chunk_size)
-    sharding = batch_sharding(mesh)
-    results: list[tuple[float, int] | None] = [None] * len(examples)
-    # Longest first, so each batch pads to similar lengths and few distinct shapes compile.
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-    with use_mesh(mesh):
-        for start in range(0, len(order), rows_per_batch):
-            idx = order[start:start + rows_per_batch]
-            length = round_up(max(len(examples[i]["input_ids"]) for i in idx), pad_to_multiple_of)
-            host = pack_rows([[examples[i]] for i in idx], length, pad_id, num_rows=rows_per_batch)
-            batch = {k: jax.device_put(v, sharding) for k, v in host.items()}
-            logp, count = jax.device_get(score(state, batch))
-            for j, i in enumerate(idx):
-                results[i] = (float(logp[j]), int(count[j]))
-    return results
+    out = apply_batched(model, _sequences(rows, vocab_size), lambda m, b: sequence_logprobs(m, b, chunk_size), mesh,
+                        batch_size, pad_to_multiple_of, pad_id)
+    return [(float(logp), int(count)) for logp, count in out]
+
+
+def reward_rows(model, rows: Iterable[tuple[str, list[int], list[int]]], mesh, batch_size: int = 8,
+                pad_to_multiple_of: int = 64, vocab_size: int | None = None) -> list[float]:
+    """A reward model's score of prompt + completion for each (where, prompt_ids, completion_ids); rows are
+    padded with the model's own pad_token_id, as transformers expects them."""
+    if not model.cfg.num_labels:
+        raise JaxalignError("the model is a causal LM, not a reward model (no score head): train one with "
+                            "stage: rm, or pass an HF *ForSequenceClassification directory")
+    pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
+    return [float(r) for r in apply_batched(model, _sequences(rows, vocab_size), model_rewards, mesh, batch_size,
+                                            pad_to_multiple_of, pad)]
 
 
 def run_score(model_path: str, data_path: str, out_path: str, batch_size: int = 8, tokenizer_path: str = "",
-              mesh_sizes: dict | None = None, dtype: str = "float32") -> int:
-    """The `jaxalign score` command; returns the number of rows written."""
+              mesh_sizes: dict | None = None, dtype: str = "float32", reward: bool = False) -> int:
+    """The `jaxalign score` command; returns the number of rows written. `reward`: the model is a reward model
+    and each row gets its `reward`, not `logp` and `num_tokens`."""
     from jaxalign.checkpoint import model_io
     from jaxalign.data.tokenizer import load_tokenizer
 
@@ -125,6 +151,9 @@ def run_score(model_path: str, data_path: str, out_path: str, batch_size: int = 
             own = None  # the model has none: row_ids names the first text row and asks for --tokenizer
         tokenizer = load_tokenizer(str(own)) if own is not None else None
     rows = [(f"{data_path}:{i}", *row_ids(row, tokenizer, f"{data_path}:{i}")) for i, row in inputs]
+    if reward:  # a text completion ends as the reward model's training rows did: with EOS (id rows: as given)
+        rows = [(w, p, c if is_id_row(row) or (c and c[-1] == tokenizer.eos_id) else [*c, tokenizer.eos_id])
+                for (w, p, c), (_, row) in zip(rows, inputs)]
     for where, prompt, completion in rows:
         check_ids(prompt, completion, cfg.vocab_size, where)
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
@@ -133,11 +162,15 @@ def run_score(model_path: str, data_path: str, out_path: str, batch_size: int = 
     mesh = make_mesh(mesh_sizes or {"data": 1, "fsdp": -1, "tensor": 1})
     with use_mesh(mesh):
         model = model_io.load_model(model_dir, mesh, dtype=dtype)
-    results = score_rows(model, rows, mesh, batch_size, pad_id=pad_id, vocab_size=cfg.vocab_size)
+    if reward:
+        scored = [{"reward": r} for r in reward_rows(model, rows, mesh, batch_size, vocab_size=cfg.vocab_size)]
+    else:
+        scored = [{"logp": logp, "num_tokens": count}
+                  for logp, count in score_rows(model, rows, mesh, batch_size, pad_id=pad_id, vocab_size=cfg.vocab_size)]
     if jax.process_index() == 0:
         out = as_path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
-            for (_, row), (logp, count) in zip(inputs, results):
-                f.write(json.dumps({**row, "logp": logp, "num_tokens": count}, ensure_ascii=False) + "\n")
+            for (_, row), values in zip(inputs, scored):
+                f.write(json.dumps({**row, **values}, ensure_ascii=False) + "\n")
     return len(inputs)

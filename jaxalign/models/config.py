@@ -40,6 +40,9 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     initializer_range: float = 0.02
+    # 0: a causal LM (lm_head). 1: a reward model (HF *ForSequenceClassification, num_labels 1): a scalar
+    # `score` head read at each sequence's last token that is not pad_token_id, as transformers reads it.
+    num_labels: int = 0
 
     @property
     def num_params(self) -> int:
@@ -50,7 +53,7 @@ class ModelConfig:
         attn += (h * d + 2 * kv * d) if self.qkv_bias else 0
         attn += e if self.o_bias else 0
         per_layer = attn + 3 * e * m + 2 * e
-        head = 0 if self.tie_word_embeddings else self.vocab_size * e
+        head = self.num_labels * e if self.num_labels else 0 if self.tie_word_embeddings else self.vocab_size * e
         return self.vocab_size * e + self.num_hidden_layers * per_layer + e + head
 
     @property
@@ -98,6 +101,7 @@ class ModelConfig:
                 eos_token_id=_hashable(hf.get("eos_token_id")),
                 pad_token_id=hf.get("pad_token_id"),
                 initializer_range=float(hf.get("initializer_range", 0.02)),
+                num_labels=_num_labels_from_hf(hf, source),
             )
         except KeyError as e:
             raise JaxalignError(f"{source}: required key {e.args[0]!r} is missing") from None
@@ -106,7 +110,8 @@ class ModelConfig:
         """The `config.json` transformers reads back into an equivalent model."""
         rope_parameters = {"rope_type": "default", **dict(self.rope_scaling or ()), "rope_theta": self.rope_theta}
         hf: dict[str, Any] = {
-            "architectures": [_ARCHITECTURES[self.model_type]],
+            "architectures": [_ARCHITECTURES[self.model_type].replace("CausalLM", "SequenceClassification")
+                              if self.num_labels else _ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -128,6 +133,9 @@ class ModelConfig:
         }
         if self.rope_scaling:
             hf["rope_scaling"] = rope_parameters
+        if self.num_labels:
+            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            hf["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
         if self.model_type == "llama":
             hf["attention_bias"] = self.qkv_bias
             hf["mlp_bias"] = False
@@ -152,6 +160,17 @@ class ModelConfig:
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _num_labels_from_hf(hf: dict[str, Any], source: str) -> int:
+    """0 for a causal LM; 1 for a sequence-classification model with one label (a reward model)."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+        return 0
+    n = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)  # transformers' default is 2
+    if n != 1:
+        raise JaxalignError(f"{source}: a sequence-classification model with {n} labels; only reward models "
+                            "(num_labels 1, one scalar score) are supported")
+    return n
 
 
 def _hashable(value: Any) -> Any:

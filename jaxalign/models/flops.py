@@ -17,10 +17,11 @@ from jaxalign.models.config import ModelConfig
 
 
 def matmul_params(mc: ModelConfig) -> int:
-    """N of the 6N rule: q, k, v, o, gate, up, down of every layer, and the LM head (tied or not)."""
+    """N of the 6N rule: q, k, v, o, gate, up, down of every layer, and the LM head (tied or not); a reward
+    model's score head is read at one token per row, so it counts as nothing."""
     e, d = mc.hidden_size, mc.head_dim
     attn = 2 * e * mc.num_attention_heads * d + 2 * e * mc.num_key_value_heads * d
-    return mc.num_hidden_layers * (attn + 3 * e * mc.intermediate_size) + e * mc.vocab_size
+    return mc.num_hidden_layers * (attn + 3 * e * mc.intermediate_size) + (0 if mc.num_labels else e * mc.vocab_size)
 
 
 def attention_flops(mc: ModelConfig, rows: int, length: int) -> float:

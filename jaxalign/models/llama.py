@@ -67,8 +67,10 @@ class Decoder(nnx.Module):
         self.embed = made[("embed",)]
         self.layers = nnx.Dict({path[1]: v for path, v in made.items() if path[0] == "layers"})
         self.final_norm = made[("final_norm",)]
-        if not cfg.tie_word_embeddings:
+        if ("lm_head",) in made:
             self.lm_head = made[("lm_head",)]
+        if ("score",) in made:
+            self.score = made[("score",)]
 
     # --- forward ----------------------------------------------------------------------------
 
@@ -129,6 +131,17 @@ class Decoder(nnx.Module):
         w = self.output_embedding().astype(self.dtype)
         out = jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "act_vocab")) if out.ndim == 3 else out
+
+    def rewards(self, hidden: jax.Array, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """A reward model's score [batch] (fp32) of each row's sequence, read where transformers reads it: at
+        the row's last real token that is not the model's pad_token_id (a right-padded unpacked row)."""
+        real = segment_ids > 0
+        if self.cfg.pad_token_id is not None:
+            real &= tokens != self.cfg.pad_token_id
+        last = jnp.argmax(jnp.where(real, jnp.arange(tokens.shape[1]), -1), axis=1)
+        h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        w = self.score.get_value().astype(self.dtype)
+        return jnp.einsum("be,el->bl", h, w, preferred_element_type=jnp.float32)[:, 0]
 
     def output_embedding(self) -> jax.Array:
         """The [embed, vocab] output projection (the transposed input embedding when tied)."""

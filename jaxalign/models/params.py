@@ -111,9 +111,12 @@ PARAMS: tuple[Param, ...] = (
     Param(("layers", "w_down"), lambda c: (c.intermediate_size, c.hidden_size), ("mlp", "embed"), "normal", True,
           _L + "mlp.down_proj.weight", (1, 1), True),
     Param(("final_norm",), lambda c: (c.hidden_size,), ("norm",), "ones", False, "model.norm.weight", (1,)),
-    # Absent when tied: the output projection is then embed.T.
+    # Absent when tied (the output projection is then embed.T) and in a reward model.
     Param(("lm_head",), lambda c: (c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal", True,
-          "lm_head.weight", (1, 1), True, present=lambda c: not c.tie_word_embeddings),
+          "lm_head.weight", (1, 1), True, present=lambda c: not c.tie_word_embeddings and not c.num_labels),
+    # A reward model's scalar head (HF *ForSequenceClassification's `score`, [num_labels, hidden]).
+    Param(("score",), lambda c: (c.hidden_size, c.num_labels), ("embed", "labels"), "normal", True,
+          "score.weight", (1, 1), True, present=lambda c: c.num_labels > 0),
 )
 
 # Every weight by name (a weight's name is unique across the model).

@@ -264,7 +264,7 @@ def candidate_changes(cfg, shape: dict[str, int]) -> list[tuple[str, list[str]]]
                     + (["dpo.reference=auto"] if reference_kind(cfg) == "model" else [])))
     if cfg.lora.enabled and cfg.lora.quantize == "none":
         out.append(("store the frozen base in 4-bit NF4 (QLoRA)", ["lora.quantize=nf4"]))
-    bs, per_pair = cfg.train.batch_size, 2 if cfg.stage == "dpo" else 1
+    bs, per_pair = cfg.train.batch_size, 1 if cfg.stage == "sft" else 2
     micro = cfg.train.micro_batch_size or bs
     dp = shape["data"] * shape["fsdp"]
     smaller = [m for m in range(micro - 1, 0, -1) if bs % m == 0 and (m * per_pair) % dp == 0]

@@ -40,7 +40,7 @@ def model_config_of(cfg) -> ModelConfig:
 
 def batch_shapes(cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
     """The train step's batch: name -> (shape, dtype) at data.max_length (the largest bucket)."""
-    rows = cfg.train.batch_size * (2 if cfg.stage == "dpo" else 1)
+    rows = cfg.train.batch_size * (1 if cfg.stage == "sft" else 2)
     length = cfg.data.max_length
     shapes = {k: ((rows, length), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
     shapes["loss_mask"] = ((rows, length), np.bool_)
@@ -88,12 +88,12 @@ def build_abstract_step(cfg, mesh, total_steps: int = 1000) -> AbstractStep:
         shapes = batch_shapes(cfg)
         rows, dp, accum = shapes["tokens"][0][0], data_parallel_size(mesh, rules), accumulation_steps(cfg)
         if (rows // accum) % dp:
-            unit = "pairs (2 rows each)" if cfg.stage == "dpo" else "rows"
+            unit = "rows" if cfg.stage == "sft" else "pairs (2 rows each)"
             raise JaxalignError(
                 f"train.batch_size={cfg.train.batch_size} {unit}"
                 + (f" in micro-batches of {cfg.train.micro_batch_size}" if accum > 1 else "")
                 + f" cannot be split over the {dp} data-parallel devices of mesh {dict(mesh.shape)}: "
-                f"use a multiple of {dp // math.gcd(dp, 2) if cfg.stage == 'dpo' else dp} per micro-batch")
+                f"use a multiple of {dp // math.gcd(dp, 2) if cfg.stage != 'sft' else dp} per micro-batch")
         shards = batch_shardings({k: s for k, (s, _) in shapes.items()}, mesh)
         batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shards[k]) for k, (s, d) in shapes.items()}
         frozen = params if spec is not None or reference_kind(cfg) == "model" else None

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxalign.checkpoint import model_io
@@ -36,7 +37,7 @@ def accumulation_steps(cfg) -> int:
 def objective_from_config(cfg) -> Objective:
     return Objective(stage=cfg.stage, chunk_size=cfg.model.logits_chunk_size, z_loss=cfg.sft.z_loss,
                      beta=cfg.dpo.beta, loss_type=cfg.dpo.loss, label_smoothing=cfg.dpo.label_smoothing,
-                     sft_weight=cfg.dpo.sft_weight)
+                     sft_weight=cfg.dpo.sft_weight, center_rewards_coefficient=cfg.rm.center_rewards_coefficient)
 
 
 def lora_spec(cfg) -> LoraSpec | None:
@@ -121,6 +122,8 @@ def check_model_source(cfg):
                                 "HF-style architecture to initialise randomly)")
         model_cfg = ModelConfig.from_hf_dict(dict(cfg.model.config), source="model.config")
     tokenizer = run_tokenizer(cfg)
+    if cfg.stage == "rm" and not model_cfg.num_labels:  # a causal LM (e.g. the SFT run) becomes a reward model
+        model_cfg = reward_model_config(model_cfg, tokenizer)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         where = f"{initial_model_key(cfg)}={path!r}" if path else "model.config"
         tok = cfg.tokenizer.path or "the model's own tokenizer"
@@ -130,18 +133,39 @@ def check_model_source(cfg):
     return model_cfg, tokenizer
 
 
+def reward_model_config(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
+    """A causal LM's architecture with a scalar score head in place of its LM head. Its pad_token_id is the
+    id batches are padded with, as TRL sets it: transformers reads a score at the last token that is not it."""
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return dataclasses.replace(model_cfg, num_labels=1, pad_token_id=pad)
+
+
 def build_model_and_tokenizer(cfg, mesh, rules, checked=None):
-    """(model, tokenizer, source dtype); `checked` is check_model_source's result when already done."""
+    """(model, tokenizer, source dtype); `checked` is check_model_source's result when already done. A reward
+    model (stage rm) started from a causal LM keeps its weights but the LM head, and gets a fresh score head."""
     model_cfg, tokenizer = checked or check_model_source(cfg)
     path = initial_model_path(cfg)
     options = model_options(cfg)
     if path:
         model = model_io.load_model(path, mesh, rules, **options)
+        if model.cfg != model_cfg:
+            model = with_score_head(model, model_cfg, mesh, rules, cfg.train.seed, options)
         dtype = model_io.source_dtype(path)
     else:
         model = init_model(model_cfg, mesh, rules, seed=cfg.train.seed, **options)
         dtype = cfg.model.param_dtype
     return model, tokenizer, dtype
+
+
+def with_score_head(model, rm_cfg: ModelConfig, mesh, rules, seed: int, options):
+    """`model`'s weights under `rm_cfg` (a reward model): its LM head dropped, the score head drawn as
+    transformers initialises it (normal, initializer_range)."""
+    fresh = init_model(rm_cfg, mesh, rules, seed=seed, **options)
+    graphdef, state = nnx.split(fresh)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params.pop("lm_head", None)
+    nnx.replace_by_pure_dict(state, {**params, "score": nnx.to_pure_dict(state)["score"]})
+    return nnx.merge(graphdef, state)
 
 
 def run_tokenizer(cfg):

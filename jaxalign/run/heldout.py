@@ -13,7 +13,7 @@ from jaxalign.runtime.sharding import use_mesh
 
 
 def weight_key(stage: str) -> str:
-    """What a batch's metrics are weighted by when averaged: its tokens (SFT) or its pairs (DPO)."""
+    """What a batch's metrics are weighted by when averaged: its tokens (SFT) or its pairs (DPO, reward model)."""
     return "num_tokens" if stage == "sft" else "num_pairs"
 
 

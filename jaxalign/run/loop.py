@@ -172,7 +172,7 @@ class Trainer(RunCheckpoints):
         best_metric = self.best_metric_name()
         return RunCheckpointer(self.run / "checkpoints", keep=self.cfg.checkpoint.keep,
                                best_metric=best_metric if self.cfg.checkpoint.keep_best else None,
-                               best_mode="max" if best_metric == "eval/rewards/accuracies" else "min",
+                               best_mode="min" if best_metric == "eval/loss" else "max",
                                async_save=self.cfg.checkpoint.async_save)
 
     def write_status(self, state: str, step: int, message: str = "") -> None:
@@ -194,6 +194,8 @@ class Trainer(RunCheckpoints):
         choice = self.cfg.checkpoint.best_metric
         if choice == "eval_rewards_accuracy" or (choice == "auto" and self.stage == "dpo"):
             return "eval/rewards/accuracies"
+        if choice == "eval_accuracy" or (choice == "auto" and self.stage == "rm"):
+            return "eval/accuracy"
         return "eval/loss"
 
     def precompute_reference(self, params) -> None:
@@ -380,7 +382,7 @@ class Trainer(RunCheckpoints):
         record["grad_norm"] = float(np.mean([float(r["grad_norm"]) for r in records if math.isfinite(r["grad_norm"])]
                                             or [math.nan]))
         record["lr"] = float(records[-1]["lr"])
-        if self.stage == "dpo":
+        if self.stage != "sft":
             record["pairs_per_sec"] = sum(float(r["num_pairs"]) for r in records) / max(seconds, 1e-9)
         self.metrics_log.write(record)
         return record

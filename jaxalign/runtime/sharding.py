@@ -37,7 +37,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "norm": None,
-    "lora_rank": None,  # LoRA adapters: A [in..., r] and B [r, out...] shard as their weight's in/out axes
+    "lora_rank": None,
+    "labels": None,  # a reward model's score head [embed, 1]  # LoRA adapters: A [in..., r] and B [r, out...] shard as their weight's in/out axes
     # activations: the batch over every data-parallel axis, features as the weights they meet
     "batch": ("data", "fsdp"),
     "length": None,

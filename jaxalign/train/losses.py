@@ -1,7 +1,7 @@
-"""SFT and DPO losses as pure functions of arrays.
+"""SFT, DPO and reward-model losses as pure functions of arrays.
 
-Both are written as a sum over this micro-batch divided by a normaliser of the WHOLE effective batch
-(all micro-batches, all devices): trained tokens for SFT, pairs for DPO. Summing micro-batch losses
+Each is written as a sum over this micro-batch divided by a normaliser of the WHOLE effective batch
+(all micro-batches, all devices): trained tokens for SFT, pairs for DPO and the reward model. Summing micro-batch losses
 and gradients then gives exactly the loss and update of one large batch.
 """
 
@@ -86,3 +86,26 @@ def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, num_tokens: jax.Arra
         loss = loss + sft_weight * nll
         metrics["nll_loss"] = nll
     return loss, metrics
+
+
+def reward_loss(rewards: jax.Array, num_pairs: jax.Array, *, margin: jax.Array | None = None,
+                center_coefficient: float = 0.0,
+                valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Bradley-Terry reward-model loss and metrics, as TRL's RewardTrainer defines them, for a micro-batch.
+
+    rewards: [2B] scores, chosen rows first (row i and B + i form a pair). Per pair:
+    -log sigmoid(r+ - r- - margin), plus center_coefficient * (r+ + r-)^2 (keeps rewards centred on 0).
+    `margin` [B] (a dataset column; None = 0); `valid` [B] marks real pairs; `num_pairs` counts the
+    pairs of the whole batch, so the values are this micro-batch's share of batch means.
+    """
+    b = rewards.shape[0] // 2
+    chosen, rejected = rewards[:b], rewards[b:]
+    diff = chosen - rejected
+    losses = -jax.nn.log_sigmoid(diff if margin is None else diff - margin)
+    if center_coefficient:
+        losses = losses + center_coefficient * jnp.square(chosen + rejected)
+    n = jnp.maximum(num_pairs, 1).astype(jnp.float32)
+    w = jnp.ones((b,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+    mean = lambda x: jnp.sum(x * w) / n  # noqa: E731
+    return mean(losses), {"accuracy": mean((diff > 0).astype(jnp.float32)), "margin": mean(diff),
+                          "rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected)}

@@ -20,9 +20,11 @@ from flax import nnx
 from jaxalign.models.logprobs import masked_sum, token_stats
 from jaxalign.models.lora import Adapted, LoraSpec
 from jaxalign.runtime.sharding import batch_sharding, constrain
-from jaxalign.train.losses import dpo_loss, sft_loss
+from jaxalign.train.losses import dpo_loss, reward_loss, sft_loss
 
 Batch = dict[str, jax.Array]
+# Stages trained on pairs: 2B rows per batch of B pairs, chosen rows first (data/batching.py).
+PAIRED_STAGES = ("dpo", "rm")
 
 
 @flax.struct.dataclass
@@ -43,6 +45,7 @@ class Objective:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
+    center_rewards_coefficient: float = 0.0
 
     def normalisers(self, batch: Batch) -> dict[str, jax.Array]:
         mask = batch["loss_mask"].astype(jnp.int32)
@@ -56,6 +59,12 @@ class Objective:
     def __call__(self, model, batch: Batch, norms: dict[str, jax.Array],
                  ref_model=None) -> tuple[jax.Array, dict[str, jax.Array]]:
         hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        if self.stage == "rm":
+            pairs = batch["tokens"].shape[0] // 2
+            margin = batch["margin"][:pairs] if "margin" in batch else None
+            return reward_loss(model.rewards(hidden, batch["tokens"], batch["segment_ids"]), norms["pairs"],
+                               margin=margin, center_coefficient=self.center_rewards_coefficient,
+                               valid=jnp.sum(batch["loss_mask"][:pairs], axis=-1) > 0)
         stats = token_stats(model, hidden, batch["targets"], self.chunk_size)
         if self.stage == "sft":
             return sft_loss(stats["logp"], stats["lse"], stats["correct"], batch["loss_mask"], norms["tokens"],
@@ -130,7 +139,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, optimizer: opt
         if accum_steps == 1:
             (loss, metrics), grads = micro_grads(batch)
         else:
-            micro = split_micro_batches(batch, accum_steps, paired=objective.stage == "dpo")
+            micro = split_micro_batches(batch, accum_steps, paired=objective.stage in PAIRED_STAGES)
 
             def body(acc, xs):
                 mb, index = xs
