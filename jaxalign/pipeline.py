@@ -1,9 +1,13 @@
-"""`jaxalign pipeline`: SFT -> eval SFT -> gate -> DPO from the best SFT checkpoint -> eval base/SFT/DPO
--> report -> export the DPO model to Hugging Face format. Re-running skips finished stages and resumes
-unfinished ones.
+"""`jaxalign pipeline`: SFT -> eval SFT -> gate -> [reward model] -> DPO from the best SFT checkpoint ->
+eval base/SFT/DPO -> report -> export the DPO model to Hugging Face format. Re-running skips finished
+stages and resumes unfinished ones.
+
+With `pipeline.stages: [sft, rm, dpo]` a reward model is trained from the SFT model on DPO's training
+pairs (never on the held-out pairs the report measures), and judges the report's win-rates unless
+`eval.judge` names another judge.
 
 Layout under output_dir: run.lock and status.json of the pipeline itself, base/ (the starting model,
-when it is randomly initialised), sft/ and dpo/ (run dirs), gate.json, report/ (report.md,
+when it is randomly initialised), sft/, rm/ and dpo/ (run dirs), gate.json, report/ (report.md,
 report.json, plots, generations), export/ (HF format).
 
 What a re-run skips: a stage whose status.json says `finished` (a stage left `running` by a kill,
@@ -28,7 +32,7 @@ from typing import Any
 import jax
 
 from jaxalign.checkpoint import model_io
-from jaxalign.config import config_to_dict, save_config, stage_config
+from jaxalign.config import apply_overrides, config_to_dict, save_config, stage_config
 from jaxalign.errors import JaxalignError
 from jaxalign.eval.evaluate import run_eval, skill_of
 from jaxalign.export.hf import export_run
@@ -88,6 +92,30 @@ def run_stage(cfg, stage: str, run_dir: paths.Path, extra: list[str]) -> None:
         raise lifecycle.Preempted(
             f"{stage.upper()} stopped after step {summary['steps']} of {summary['total_steps']} (checkpoint in "
             f"{run_dir / 'checkpoints'}); nothing after it ran. Run the same command again to resume")
+
+
+def reward_model_sets(cfg, sets: list[str]) -> list[str]:
+    """The reward model trains on DPO's training pairs, split off as DPO splits them (same data, eval split and
+    seed), unless rm.overrides names its own data; either way none of the held-out pairs the report
+    measures may be among its training data."""
+    dpo = stage_config(cfg, "dpo", sets)
+    own = "train" in (cfg.rm.overrides.get("data") or {})
+    data = stage_config(cfg, "rm", sets).data if own else dpo.data
+    held_out = {str(p) for p in _paths(dpo.data.eval) + _paths(cfg.eval.preference_data)}
+    overlap = sorted(held_out & {str(p) for p in _paths(data.train)})
+    if overlap:
+        where = "rm.overrides.data.train" if own else "the DPO stage's data.train"
+        raise JaxalignError(f"the reward model's training data ({where}) includes the held-out pairs the report "
+                            f"measures ({', '.join(overlap)}); train it on other pairs")
+    if own:
+        return []
+    dump = lambda v: json.dumps(list(v) if not isinstance(v, str) else v)  # noqa: E731  (YAML reads JSON)
+    return [f"data.train={dump(data.train)}", f"data.eval={dump(data.eval)}", f"data.eval_fraction={data.eval_fraction}",
+            "data.sft_from_preference=false"]
+
+
+def _paths(value) -> list[str]:
+    return [value] if isinstance(value, str) and value else [v for v in value or () if v]
 
 
 def eval_fingerprint(cfg, models: dict[str, str]) -> str:
@@ -187,6 +215,12 @@ def _run_pipeline(cfg, sets: list[str], root: paths.Path, preempt: PreemptionWat
     run_stage(cfg, "sft", sft_dir, [*sets, f"model.path={base}", "model.config={}"])
     between_stages("the SFT gate")
     gate_result = gate(cfg, sft_dir, root)
+    rm_dir = root / "rm"
+    if "rm" in cfg.pipeline.stages:
+        between_stages("the reward model")
+        run_stage(cfg, "rm", rm_dir, [*sets, *reward_model_sets(cfg, sets), f"model.path={sft_dir}", "model.config={}"])
+        if not cfg.eval.judge:
+            cfg = apply_overrides(cfg, [f"eval.judge=reward:{rm_dir}"])
     between_stages("DPO")
     run_stage(cfg, "dpo", dpo_dir, [*sets, f"dpo.init_from={sft_dir}", "model.config={}"])
     between_stages("the report")

@@ -59,3 +59,22 @@ def test_held_out_dpo_loss_is_the_runs_own_loss(sets, models, loss, smoothing):
     # (The old Objective(stage, beta) dropped dpo.loss, label_smoothing and sft_weight: with sft_weight 0.5 its
     # loss differs for every loss type.)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+
+
+def test_held_out_pair_prompts_generate_from_their_ids_and_kl_is_zero_against_itself(sets, models):
+    from jaxalign.eval.generate import SamplingParams, generate_ids
+
+    cfg = load_config(None, [*sets, "eval.prompts=heldout", "eval.num_generations=4", "eval.max_new_tokens=8",
+                             "eval.kl_samples=4"])
+    evaluator = Evaluator(cfg)
+    rows, pairs = evaluator.held_out.prompts, evaluator.held_out.pairs
+    assert len(rows) == 4 and [r["prompt_ids"] for r in rows] == [p["prompt_ids"] for p in pairs[:4]]
+    assert rows[0]["prompt"].startswith("Human:") or "Human:" in rows[0]["prompt"]
+    policy, ref_params = models
+    with use_mesh(evaluator.mesh, evaluator.rules):
+        ids = generate_ids(policy, [r["prompt_ids"] for r in rows], SamplingParams(8), mesh=evaluator.mesh)
+    assert evaluator.generations(policy) == [evaluator.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    # The model against itself: every sampled log-ratio is exactly 0; against another model it is not.
+    assert evaluator.kl_from_sft(policy, policy) == {"kl_vs_sft": 0.0}
+    graphdef = nnx.split(policy)[0]
+    assert evaluator.kl_from_sft(policy, nnx.merge(graphdef, ref_params))["kl_vs_sft"] != 0.0

@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from jaxalign import cli
 from jaxalign.checkpoint import model_io
 from jaxalign.config import load_config
 from jaxalign.data.examples import encode_prompt
+from jaxalign.errors import JaxalignError
 from jaxalign.eval.tasks import demo
 from jaxalign.eval.tasks.tokenizer_training import texts_from_jsonl, train_sentencepiece
 from jaxalign.pipeline import SFTGateError, run_pipeline
@@ -387,6 +389,72 @@ def test_pairs_cli_writes_pairs_the_judge_prefers(passed_run, small_demo, tmp_pa
     assert code == 0, err
     assert _jsonl(out) == []
     assert f"0 pairs from {len(rows)} prompts ({len(rows)} skipped: all candidates tied)" in stdout
+
+
+# ----------------------------------------------------------------------------- the reward-model stage
+
+RM_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def rm_pipeline(passed_run, small_demo) -> dict:
+    """A copy of the finished run, re-run with `pipeline.stages: [sft, rm, dpo]`: SFT and DPO are skipped, the
+    reward model trains from the SFT model on DPO's training pairs, and the report is judged by it."""
+    root = small_demo["root"].parent / "with_rm"
+    shutil.copytree(passed_run["root"], root)
+    sets = [*small_demo["sets"], f"output_dir={root}", "pipeline.stages=[sft, rm, dpo]",
+            f"rm.overrides.train.max_steps={RM_STEPS}"]
+    proc = _subprocess_cli(_argv(sets), timeout=400, log=root.parent / "with_rm.log")
+    assert proc.returncode == 0, f"pipeline failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
+    return {"root": root, "proc": proc, "report": json.loads((root / "report" / "report.json").read_text())}
+
+
+def test_pipeline_with_a_reward_model_judges_the_report(rm_pipeline, small_demo, tmp_path):
+    root, report, err = rm_pipeline["root"], rm_pipeline["report"], rm_pipeline["proc"].stderr
+    assert "SFT: finished run" in err and "DPO: finished run" in err and "RM: training" in err
+    assert lifecycle.state_of(root / "rm") == "finished"
+    rm_cfg = load_config(str(root / "rm" / "config.yaml"))
+    data = small_demo["data"]
+    # Trained on DPO's training pairs from the SFT model, validated on DPO's held-out pairs (never trained on).
+    assert rm_cfg.stage == "rm" and rm_cfg.data.train == data["preference"] and rm_cfg.data.eval == data["preference_eval"]
+    assert rm_cfg.model.path == str(root / "sft")
+    summary = json.loads((root / "rm" / "summary.json").read_text())
+    print(f"\nreward model: held-out accuracy {summary['eval/accuracy']:.3f}, margin {summary['eval/margin']:.3f}")
+    assert summary["eval/accuracy"] > 0.8
+    assert report["data"]["judge"] == f"reward:{root / 'rm'}"
+    dpo = report["models"]["dpo"]
+    print(f"reward-judged win-rate of DPO over SFT {dpo['win_rate_vs_sft']:.3f} "
+          f"[{dpo['win_rate_ci_low']:.3f}, {dpo['win_rate_ci_high']:.3f}], LC {dpo['lc_win_rate_vs_sft']:.3f}, "
+          f"agreement with the task's judge {dpo['judge_agreement_with_task']:.3f}")
+    assert dpo["judge_agreement_with_task"] > 0.7  # the reward judge agrees with the task's on most decided pairs
+    assert dpo["win_rate_vs_sft"] > 0.6 and dpo["judged"] == N_EVAL
+    assert "| judge_agreement_with_task |" in (root / "report" / "report.md").read_text()
+
+    # On-policy pairs ranked by the reward model: each chosen reply scores above its rejected one.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in _jsonl(data["eval_prompts"])[:8]))
+    out = tmp_path / "pairs.jsonl"
+    code, _, err = _cli(["pairs", "--model", str(root / "sft"), "--prompts", str(prompts), "--judge",
+                         f"reward:{root / 'rm'}", "--num-samples", "3", "--out", str(out), "--max-new-tokens", "40"])
+    assert code == 0, err
+    pairs = _jsonl(out)
+    assert pairs
+    rows = [{"prompt": p["prompt"], "completion": p[side]} for p in pairs for side in ("chosen", "rejected")]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = _cli(["score", "--model", str(root / "rm"), "--data", str(tmp_path / "rows.jsonl"), "--out",
+                         str(tmp_path / "scored.jsonl"), "--reward"])
+    assert code == 0, err
+    rewards = [r["reward"] for r in _jsonl(tmp_path / "scored.jsonl")]
+    assert all(rewards[2 * i] > rewards[2 * i + 1] for i in range(len(pairs))), rewards
+
+
+def test_reward_model_data_must_not_hold_the_held_out_pairs(small_demo):
+    from jaxalign.pipeline import reward_model_sets
+
+    data = small_demo["data"]
+    cfg = load_config(DEMO_CONFIG, [*small_demo["sets"], f"rm.overrides.data.train={data['preference_eval']}"])
+    with pytest.raises(JaxalignError, match="rm.overrides.data.train.*includes the held-out pairs"):
+        reward_model_sets(cfg, [])
 
 
 # ----------------------------------------------------------------------------- preemption and kill -9

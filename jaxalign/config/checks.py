@@ -114,6 +114,8 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
     need(0.0 < g["top_p"] <= 1.0, "generate.top_p", "must be in (0, 1]")
 
     need(c["sft"]["z_loss"] >= 0, "sft.z_loss", "must be >= 0")
+    need(c["pipeline"]["stages"] in (["sft", "dpo"], ["sft", "rm", "dpo"]), "pipeline.stages",
+         "must be [sft, dpo] or [sft, rm, dpo]")
     need(c["rm"]["center_rewards_coefficient"] >= 0, "rm.center_rewards_coefficient", "must be >= 0")
     need(not (c["stage"] == "rm" and c["lora"]["enabled"]), "lora.enabled",
          "is not supported for stage rm yet (the score head would have to train beside the adapters); "

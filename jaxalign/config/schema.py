@@ -162,7 +162,8 @@ SCHEMA: dict[str, Any] = {
                                 "with A or B; '' = the built-in helpful/honest/harmless question"),
         "kl_samples": F(32, "held-out prompts each model samples (temperature 1) to estimate its KL from the SFT "
                             "model; 0 = off"),
-        "prompts": F("", "held-out prompts (JSONL: prompt + the task's fields) for generative eval"),
+        "prompts": F("", "held-out prompts (JSONL: prompt + the task's fields) for generative eval; heldout = the "
+                         "prompts of the held-out pairs (eval.preference_data, or DPO's validation split)"),
         "sft_data": F("", "held-out SFT data for NLL / perplexity; '' = the SFT stage's data.eval"),
         "preference_data": F("", "held-out pairs for implicit-reward accuracy; '' = the DPO stage's data.eval"),
     },
@@ -176,6 +177,10 @@ SCHEMA: dict[str, Any] = {
     "export": {
         "format": F("merged", "the pipeline's export of the DPO model: merged = one HF model; peft = (LoRA) the "
                     "adapters as a PEFT directory, their base as an HF model in its base/", ("merged", "peft")),
+    },
+    "pipeline": {
+        "stages": F(["sft", "dpo"], "the stages `jaxalign pipeline` trains, in order: [sft, dpo], or [sft, rm, dpo] "
+                    "to train a reward model (from the SFT model, on DPO's training pairs) that judges the report"),
     },
     "sft": {
         "loss_on": F("completion", "which tokens are trained on", ("completion", "all")),

@@ -39,6 +39,8 @@ from jaxalign.train.step import make_eval_step
 
 log = logging.getLogger(__name__)
 
+HELD_OUT = "heldout"  # eval.prompts: generate for the held-out pairs' prompts
+
 
 @dataclasses.dataclass
 class HeldOut:
@@ -66,7 +68,11 @@ def load_held_out(cfg, tokenizer) -> HeldOut:
     sft_cfg, dpo_cfg = stage_config(cfg, "sft"), stage_config(cfg, "dpo")
     sft_examples = _held_out_examples(cfg.eval.sft_data, sft_cfg, tokenizer, "sft")
     pairs = _held_out_examples(cfg.eval.preference_data, dpo_cfg, tokenizer, "dpo")
-    prompts = [row for _, row in read_jsonl(cfg.eval.prompts)] if cfg.eval.prompts else []
+    if cfg.eval.prompts == HELD_OUT:  # the held-out pairs' prompts, as tokenized (the judge reads them decoded)
+        prompts = [{"prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True), "prompt_ids": p["prompt_ids"]}
+                   for p in pairs]
+    else:
+        prompts = [row for _, row in read_jsonl(cfg.eval.prompts)] if cfg.eval.prompts else []
     if cfg.eval.num_generations:
         prompts = prompts[:cfg.eval.num_generations]
     if not (sft_examples or pairs or prompts):
@@ -87,12 +93,23 @@ class Evaluator:
         self.pad_id = self.tokenizer.pad_id or 0
         # Greedy, so every stage is compared on deterministic outputs; only the stop strings come from `generate:`.
         self.sampling = SamplingParams(cfg.eval.max_new_tokens, stop=cfg.generate.stop)
-        self.judge = build_judge(cfg.eval.judge, self.task, mesh=self.mesh, load=self.load,
-                                 tokenizer_of=lambda path: run_tokenizer_of(path, cfg), batch_size=cfg.eval.batch_size,
-                                 template=cfg.eval.judge_template) if self.held_out.prompts else None
-        # A model judge on a task with its own judge: how often they agree is reported beside the win-rate.
-        self.task_judge = TaskJudge(self.task) if hasattr(self.task, "judge_pair") and not isinstance(
-            self.judge, TaskJudge) else None
+        self._judge: Any = False  # built on first use: the SFT gate needs none
+
+    @property
+    def judge(self):
+        """The judge `eval.judge` names (None: nothing judges), opened on first use."""
+        if self._judge is False:
+            cfg = self.cfg
+            self._judge = build_judge(cfg.eval.judge, self.task, mesh=self.mesh, load=self.load,
+                                      tokenizer_of=lambda path: run_tokenizer_of(path, cfg),
+                                      batch_size=cfg.eval.batch_size, template=cfg.eval.judge_template)
+        return self._judge
+
+    @property
+    def task_judge(self) -> TaskJudge | None:
+        """The task's own judge when another one judges (their agreement is reported), else None."""
+        has = hasattr(self.task, "judge_pair") and not isinstance(self.judge, TaskJudge)
+        return TaskJudge(self.task) if has else None
 
     def load(self, path: str):
         with use_mesh(self.mesh, self.rules):
@@ -122,10 +139,9 @@ class Evaluator:
     def generations(self, model) -> list[str]:
         if not self.held_out.prompts:
             return []
-        prompts = [row["prompt"] for row in self.held_out.prompts]
         with use_mesh(self.mesh, self.rules):
-            return generate_text(model, self.tokenizer, prompts, self.sampling, mesh=self.mesh,
-                                 batch_size=self.cfg.eval.batch_size)
+            return generate_text(model, self.tokenizer, [_prompt(r) for r in self.held_out.prompts], self.sampling,
+                                 mesh=self.mesh, batch_size=self.cfg.eval.batch_size)
 
     def task_metrics(self, completions: Sequence[str]) -> dict[str, float]:
         if self.task is None or not completions:
@@ -148,9 +164,10 @@ class Evaluator:
                "win_rate_ci_high": stats["ci_high"], **{k: stats[k] for k in ("wins", "losses", "ties", "judged")},
                "lc_win_rate_vs_sft": winrate.length_controlled_win_rate(
                    verdicts, [len(c) for c in completions], [len(c) for c in sft_completions])}
-        if self.task_judge is not None:
-            task = self.task_judge(rows, completions, sft_completions)
-            out["judge_agreement_with_task"] = sum(a == b for a, b in zip(verdicts, task)) / len(rows)
+        if self.task_judge is not None:  # on the pairs the task's judge decides
+            decided = [(v, t) for v, t in zip(verdicts, self.task_judge(rows, completions, sft_completions)) if t]
+            if decided:
+                out["judge_agreement_with_task"] = sum(v == t for v, t in decided) / len(decided)
         return out
 
     def generation_length(self, completions: Sequence[str]) -> dict[str, float]:
@@ -167,18 +184,24 @@ class Evaluator:
         rows = self.held_out.prompts[:n]
         params = SamplingParams(self.cfg.eval.max_new_tokens, temperature=1.0, seed=self.cfg.train.seed)
         with use_mesh(self.mesh, self.rules):
-            samples = generate(model, self.tokenizer, [r["prompt"] for r in rows], params, mesh=self.mesh,
+            samples = generate(model, self.tokenizer, [_prompt(r) for r in rows], params, mesh=self.mesh,
                                batch_size=self.cfg.eval.batch_size)
         entries = []
         for i, (row, sample) in enumerate(zip(rows, samples)):
             ids = sample.completion_ids + ([self.tokenizer.eos_id] if sample.finish_reason == "stop" else [])
             if ids:
-                entries.append((f"sample {i}", encode_prompt(self.tokenizer, row["prompt"]), ids))
+                entries.append((f"sample {i}", list(row.get("prompt_ids") or encode_prompt(self.tokenizer, row["prompt"])),
+                                ids))
         if not entries:
             return {}
         ours, sft = (score_rows(m, entries, self.mesh, self.cfg.eval.batch_size, pad_id=self.pad_id)
                      for m in (model, sft_model))
         return {"kl_vs_sft": winrate.kl_per_token([lp for lp, _ in ours], [lp for lp, _ in sft], [n for _, n in ours])}
+
+
+def _prompt(row: dict):
+    """What a held-out prompt row generates from: its token ids when it has them, else its prompt."""
+    return list(row["prompt_ids"]) if row.get("prompt_ids") else row["prompt"]
 
 
 def run_tokenizer_of(path: str, cfg):
@@ -236,7 +259,7 @@ def run_eval(cfg, models: Mapping[str, str], out_dir: paths.PathLike,
         "models_paths": {n: str(models[n]) for n in names},
         "data": {"prompts": len(ev.held_out.prompts), "sft_examples": len(ev.held_out.sft_examples),
                  "pairs": len(ev.held_out.pairs), "task": cfg.eval.task or None,
-                 "judge": ev.judge.name if ev.judge is not None else None},
+                 "judge": ev.judge.name if ev.judge is not None and ev.held_out.prompts else None},
         **(extras or {}),
     })
     if jax.process_index() == 0:

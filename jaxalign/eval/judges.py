@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxalign.data.examples import encode_prompt
 from jaxalign.errors import JaxalignError
-from jaxalign.eval.score import apply_batched, reward_rows, score_rows
+from jaxalign.eval.score import apply_batched, reward_rows, row_ids, score_rows
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +94,20 @@ class ModelJudge:
     def __call__(self, rows, a, b) -> Verdicts:
         return {"reward": self._reward, "llm": self._llm, "likelihood": self._likelihood}[self.kind](rows, a, b)
 
-    def _completion_ids(self, text: str, eos: bool) -> list[int]:
-        ids = self.tokenizer.encode(text) or [self.tokenizer.eos_id]
-        return [*ids, self.tokenizer.eos_id] if eos and ids[-1] != self.tokenizer.eos_id else ids
-
     def _pairs(self, rows, a, b, eos: bool) -> list[tuple[str, list[int], list[int]]]:
+        """(where, prompt ids, reply ids) of a[i] then b[i] per row, tokenized as `jaxalign score` does (a text
+        prompt and its reply together, so the reply's tokens are the ones the prompt is followed by)."""
         entries = []
         for i, row in enumerate(rows):
-            prompt = encode_prompt(self.tokenizer, row["prompt"])
-            entries += [(f"prompt {i}", prompt, self._completion_ids(text, eos)) for text in (a[i], b[i])]
+            for text in (a[i], b[i]):
+                if isinstance(row["prompt"], str):
+                    prompt, reply = row_ids({"prompt": row["prompt"], "completion": text}, self.tokenizer, f"row {i}")
+                else:
+                    prompt, reply = encode_prompt(self.tokenizer, row["prompt"]), self.tokenizer.encode(text)
+                reply = reply or [self.tokenizer.eos_id]
+                if eos and reply[-1] != self.tokenizer.eos_id:
+                    reply = [*reply, self.tokenizer.eos_id]
+                entries.append((f"prompt {i}", prompt, reply))
         return entries
 
     def _reward(self, rows, a, b) -> Verdicts:

@@ -1,8 +1,9 @@
 """`jaxalign pairs`: on-policy preference data from a model's own samples.
 
-For each prompt, sample `num_samples` completions, rank them by the judge (a task's pairwise judge,
-round robin: a completion's score is its wins minus losses against the others), and write the best
-as `chosen` and the worst as `rejected`. Prompts whose candidates all tie are skipped and counted.
+For each prompt, sample `num_samples` completions, rank them by the judge (a task's pairwise judge, or
+any `eval.judge` spec: reward:PATH, llm:PATH, likelihood:PATH), round robin: a completion's score is its
+wins minus losses against the others, and write the best as `chosen` and the worst as `rejected`.
+Prompts whose candidates all tie are skipped and counted.
 
 The written texts re-tokenize to the sampled tokens: for a plain-string prompt a completion is the
 decoded prompt+completion minus the decoded prompt, so it keeps the leading space the sampled first
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,23 +28,24 @@ from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 log = logging.getLogger(__name__)
 
-Judge = Callable[[dict, str, str], int]  # (prompt row, a, b) -> 1 if a wins, -1 if b wins, 0 tie
+
+def round_robin(k: int) -> list[tuple[int, int]]:
+    """Every pair (i, j), i < j, of k candidates."""
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
-def rank(row: dict, candidates: Sequence[str], judge: Judge) -> list[int]:
-    """Round-robin score (wins - losses) of each candidate against the others."""
-    scores = [0] * len(candidates)
-    for i in range(len(candidates)):
-        for j in range(i + 1, len(candidates)):
-            verdict = judge(row, candidates[i], candidates[j])
-            scores[i] += verdict
-            scores[j] -= verdict
+def rank(verdicts: Sequence[int], k: int) -> list[int]:
+    """Round-robin score (wins - losses) of each of k candidates, from the verdicts of `round_robin(k)`."""
+    scores = [0] * k
+    for (i, j), verdict in zip(round_robin(k), verdicts):
+        scores[i] += verdict
+        scores[j] -= verdict
     return scores
 
 
-def best_and_worst(row: dict, candidates: Sequence[str], judge: Judge) -> tuple[str, str] | None:
+def best_and_worst(candidates: Sequence[str], verdicts: Sequence[int]) -> tuple[str, str] | None:
     """(chosen, rejected), or None when every candidate ties (a pair would teach nothing)."""
-    scores = rank(row, candidates, judge)
+    scores = rank(verdicts, len(candidates))
     best, worst = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
     if scores[best] == scores[worst] or candidates[best] == candidates[worst]:
         return None
@@ -60,13 +62,24 @@ def completion_text(tokenizer, prompt: str | list, prompt_ids: Sequence[int], co
     return full[len(before):] if full.startswith(before) else alone
 
 
-def task_judge(name: str) -> Judge:
-    from jaxalign.eval.tasks import get_task
+def pairs_judge(spec: str, mesh, batch_size: int):
+    """A registered task's judge (`--judge demo`), or the judge an eval.judge spec names (reward:PATH, ...)."""
+    from jaxalign.checkpoint import model_io
+    from jaxalign.data.tokenizer import load_tokenizer
+    from jaxalign.eval.judges import TaskJudge, build_judge
+    from jaxalign.eval.tasks import TASKS, get_task
 
-    task = get_task(name)
-    if not hasattr(task, "judge_pair"):
-        raise JaxalignError(f"task {name!r} defines no pairwise judge (judge_pair)")
-    return task.judge_pair
+    if spec in TASKS:
+        task = get_task(spec)
+        if not hasattr(task, "judge_pair"):
+            raise JaxalignError(f"task {spec!r} defines no pairwise judge (judge_pair)")
+        return TaskJudge(task)
+    if ":" not in spec:
+        raise JaxalignError(f"--judge {spec!r}: not a registered task ({', '.join(sorted(TASKS))}) nor a judge "
+                            "spec (reward:PATH, llm:PATH, likelihood:PATH)")
+    return build_judge(spec, None, mesh=mesh, load=lambda path: model_io.load_model(path, mesh),
+                       tokenizer_of=lambda path: load_tokenizer(str(model_io.tokenizer_path(path))),
+                       batch_size=batch_size)
 
 
 def run_pairs(model_path: str, prompts_path: str, out_path: str, params: SamplingParams, *, judge: str,
@@ -81,12 +94,12 @@ def run_pairs(model_path: str, prompts_path: str, out_path: str, params: Samplin
 
     if num_samples < 2:
         raise JaxalignError(f"--num-samples must be at least 2, got {num_samples}")
-    judge_fn = task_judge(judge)
     rows = [row for _, row in read_jsonl(prompts_path)]
     for i, row in enumerate(rows):
         if "prompt" not in row:
             raise JaxalignError(f"{prompts_path}:{i + 1}: a row needs a 'prompt'")
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    judge_fn = pairs_judge(judge, mesh, batch_size)
     tokenizer = load_tokenizer(tokenizer_path or str(model_io.tokenizer_path(model_path)), chat_template)
     with use_mesh(mesh):
         model = model_io.load_model(model_path, mesh)
@@ -99,8 +112,14 @@ def run_pairs(model_path: str, prompts_path: str, out_path: str, params: Samplin
                for k, r in enumerate(results)]
     counts = {"prompts": len(rows), "pairs": 0, "skipped_all_tied": 0}
     out_rows: list[dict[str, Any]] = []
+    # Every prompt's round robin, judged in one batched call.
+    games = [(i, a, b) for i in range(len(rows)) for a, b in round_robin(num_samples)]
+    verdicts = judge_fn([rows[i] for i, _, _ in games], [samples[i * num_samples + a] for i, a, _ in games],
+                        [samples[i * num_samples + b] for i, _, b in games])
+    per_prompt = len(games) // max(len(rows), 1)
     for i, row in enumerate(rows):
-        pair = best_and_worst(row, samples[i * num_samples:(i + 1) * num_samples], judge_fn)
+        pair = best_and_worst(samples[i * num_samples:(i + 1) * num_samples],
+                              verdicts[i * per_prompt:(i + 1) * per_prompt])
         if pair is None:
             counts["skipped_all_tied"] += 1
             continue
@@ -121,7 +140,8 @@ def add_cli(sub, commands: dict) -> None:
                                    "where all candidates tie are skipped and counted.")
     p.add_argument("--model", required=True, help="the SFT model (HF dir, jaxalign checkpoint or run dir)")
     p.add_argument("--prompts", required=True, help="JSONL with a `prompt` per row (plus the task's fields)")
-    p.add_argument("--judge", required=True, help="a registered task whose judge ranks completions, e.g. demo")
+    p.add_argument("--judge", required=True, help="a registered task whose judge ranks completions (e.g. demo), or "
+                   "reward:PATH (a reward model), llm:PATH, likelihood:PATH")
     p.add_argument("--out", required=True, help="output JSONL (prompt, chosen, rejected + the input fields)")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)

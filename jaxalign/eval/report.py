@@ -32,7 +32,8 @@ METRICS: dict[str, tuple[bool, str]] = {
 INFO_METRICS: dict[str, str] = {
     "mean_gen_tokens": "mean length of the greedy generations, in tokens",
     "kl_vs_sft": "KL(model || SFT) per token, estimated on the model's own samples",
-    "judge_agreement_with_task": "the judge's verdicts equal to the task's programmatic judge's",
+    "judge_agreement_with_task": "the judge's verdicts equal to the task's programmatic judge's, on the pairs "
+                                 "the task's judge decides",
 }
 STAGE_TRANSITIONS = (("base", "sft"), ("sft", "dpo"))
 # Metrics measured against the SFT model itself, with what "no preference learnt" reads as: the SFT
