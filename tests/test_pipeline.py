@@ -403,7 +403,7 @@ def rm_pipeline(passed_run, small_demo) -> dict:
     root = small_demo["root"].parent / "with_rm"
     shutil.copytree(passed_run["root"], root)
     sets = [*small_demo["sets"], f"output_dir={root}", "pipeline.stages=[sft, rm, dpo]",
-            f"rm.overrides.train.max_steps={RM_STEPS}"]
+            f"rm.overrides.train.max_steps={RM_STEPS}", "eval.kl_samples=0"]  # (KL: the passing run's report)
     proc = _subprocess_cli(_argv(sets), timeout=400, log=root.parent / "with_rm.log")
     assert proc.returncode == 0, f"pipeline failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
     return {"root": root, "proc": proc, "report": json.loads((root / "report" / "report.json").read_text())}
