@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from jaxalign.run import lifecycle
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
-SFT_STEPS, DPO_STEPS = 200, 60  # the demo: 300, 100
+SFT_STEPS, DPO_STEPS, RM_STEPS = 200, 60, 40  # the demo: 300, 100 (DPO on batches of 16, not 32), 60
 N_SFT, N_PREF, N_EVAL = 3000, 1500, 64  # the demo: 8000, 3000, 256
 STRICT_GATE = 0.99  # the first run's eval.min_sft_skill: the small SFT run misses it
 DEMO_GATE = 0.8  # configs/demo.yaml's eval.min_sft_skill: the second run's
@@ -89,6 +88,7 @@ def small_demo(tmp_path_factory) -> dict:
         f"sft.overrides.train.max_steps={SFT_STEPS}", "sft.overrides.train.eval_every=0",
         f"dpo.overrides.data.train={data['preference']}", f"dpo.overrides.data.eval={data['preference_eval']}",
         f"dpo.overrides.train.max_steps={DPO_STEPS}", "dpo.overrides.train.eval_every=0",
+        "dpo.overrides.train.batch_size=16", "pipeline.stages=[sft, rm, dpo]", f"rm.overrides.train.max_steps={RM_STEPS}",
     ]
     return {"root": root, "data": data, "tokenizer": tokenizer, "sets": sets}
 
@@ -172,7 +172,7 @@ def test_gate_fails_below_min_sft_skill(small_demo, failed_gate):
     assert gate["passed"] is False and gate["min_sft_skill"] == STRICT_GATE and gate["sft_skill"] < STRICT_GATE
     # Nothing after the gate ran.
     assert "sft" in failed_gate["listing"] and "gate.json" in failed_gate["listing"]
-    assert not {"dpo", "report", "export"} & set(failed_gate["listing"])
+    assert not {"rm", "dpo", "report", "export"} & set(failed_gate["listing"])
     assert {"run.lock"} & set(failed_gate["listing"]) == set()  # released on the way out
     assert (root / "sft" / "summary.json").is_file() and lifecycle.state_of(root / "sft") == "finished"
     assert failed_gate["root_state"] == "failed"  # the pipeline's own status: stopped by an error
@@ -231,7 +231,7 @@ def test_pipeline_passes_gate_trains_dpo_and_reports(passed_run, failed_gate):
     # The judged win-rate's interval and the length-controlled rate; how far each model moved from SFT.
     dpo = m["dpo"]
     assert dpo["win_rate_ci_low"] < dpo["win_rate_vs_sft"] < dpo["win_rate_ci_high"]
-    assert 0.0 <= dpo["lc_win_rate_vs_sft"] <= 1.0 and report["data"]["judge"] == "task:demo"
+    assert 0.0 <= dpo["lc_win_rate_vs_sft"] <= 1.0 and report["data"]["judge"] == f"reward:{root / 'rm'}"
     assert dpo["kl_vs_sft"] > 0 and m["base"]["kl_vs_sft"] > dpo["kl_vs_sft"]  # DPO stays near its reference
     assert all(m[name]["mean_gen_tokens"] > 0 for name in ("base", "sft", "dpo"))
     assert isinstance(report["warnings"], list)
@@ -259,7 +259,7 @@ def test_rerun_skips_finished_stages(passed_run):
     watched = [root / "base" / model_io.MODEL_FILE, root / "gate.json", root / "report" / "report.json",
                root / "report" / "report.md", root / "report" / "stage_metrics.png", root / "export" / "config.json",
                root / "export" / "model.safetensors"]
-    for run in ("sft", "dpo"):
+    for run in ("sft", "rm", "dpo"):
         watched += [root / run / "metrics.jsonl", root / run / "summary.json"]
         watched += sorted((root / run / "checkpoints").rglob("*"))
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in watched}
@@ -393,25 +393,10 @@ def test_pairs_cli_writes_pairs_the_judge_prefers(passed_run, small_demo, tmp_pa
 
 # ----------------------------------------------------------------------------- the reward-model stage
 
-RM_STEPS = 40
 
-
-@pytest.fixture(scope="module")
-def rm_pipeline(passed_run, small_demo) -> dict:
-    """A copy of the finished run, re-run with `pipeline.stages: [sft, rm, dpo]`: SFT and DPO are skipped, the
-    reward model trains from the SFT model on DPO's training pairs, and the report is judged by it."""
-    root = small_demo["root"].parent / "with_rm"
-    shutil.copytree(passed_run["root"], root)
-    sets = [*small_demo["sets"], f"output_dir={root}", "pipeline.stages=[sft, rm, dpo]",
-            f"rm.overrides.train.max_steps={RM_STEPS}", "eval.kl_samples=0"]  # (KL: the passing run's report)
-    proc = _subprocess_cli(_argv(sets), timeout=400, log=root.parent / "with_rm.log")
-    assert proc.returncode == 0, f"pipeline failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
-    return {"root": root, "proc": proc, "report": json.loads((root / "report" / "report.json").read_text())}
-
-
-def test_pipeline_with_a_reward_model_judges_the_report(rm_pipeline, small_demo, tmp_path):
-    root, report, err = rm_pipeline["root"], rm_pipeline["report"], rm_pipeline["proc"].stderr
-    assert "SFT: finished run" in err and "DPO: finished run" in err and "RM: training" in err
+def test_the_reward_model_judges_the_report(passed_run, small_demo, tmp_path):
+    root, report, err = passed_run["root"], passed_run["report"], passed_run["proc"].stderr
+    assert "SFT: finished run" in err and "RM: training" in err
     assert lifecycle.state_of(root / "rm") == "finished"
     rm_cfg = load_config(str(root / "rm" / "config.yaml"))
     data = small_demo["data"]
@@ -468,7 +453,8 @@ CAMPAIGN = int(os.environ.get("JAXALIGN_KILL_CAMPAIGN", "0"))
 KILLS = CAMPAIGN or 8
 SHORT = [f"sft.overrides.train.max_steps={SHORT_SFT}", f"dpo.overrides.train.max_steps={SHORT_DPO}",
          "train.eval_every=20", "train.log_every=5", "checkpoint.every_steps=20", "checkpoint.keep=2",
-         "eval.min_sft_skill=0", "eval.num_generations=16", "eval.kl_samples=0", "train.batch_size=8"]
+         "eval.min_sft_skill=0", "eval.num_generations=16", "eval.kl_samples=0", "train.batch_size=8",
+         "dpo.overrides.train.batch_size=8", "pipeline.stages=[sft, dpo]"]
 
 
 def _seeded() -> tuple[random.Random, int]:

@@ -21,8 +21,8 @@ Stop strings (`stop`) are applied to the decoded text after generation: the comp
 before the first occurrence of any of them. They do not end decoding early, and `completion_ids`
 stay the ids of the whole generation (up to EOS).
 
-Prompts are tokenized exactly as training tokenizes them (`jaxalign.data.examples.encode_prompt`):
-message lists through the chat template with its generation prompt, plain strings with BOS.
+Prompts are tokenized as training tokenizes them (`jaxalign.data.examples.encode_prompt`): message
+lists through the chat template with its generation prompt, plain strings with BOS; id lists as given.
 """
 
 from __future__ import annotations
@@ -207,9 +207,8 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 def generate(model, tokenizer, prompts: Sequence, params: SamplingParams, *, mesh: Mesh | None = None,
              batch_size: int = 0, pad_id: int | None = None) -> list[Completion]:
-    """A `Completion` per prompt, in input order. tokenizer: prompts are strings or {role, content}
-    message lists, tokenized as in training, or token id lists, and completions are decoded; None:
-    prompts are token id lists and `completion` is None. batch_size: rows decoded together (0: all). mesh: shard each batch
+    """A `Completion` per prompt, in input order. tokenizer: prompts are strings, {role, content} message
+    lists or id lists, and completions are decoded; None: prompts are id lists, `completion` is None. batch_size: rows decoded together (0: all). mesh: shard each batch
     over the mesh's data axes (the model's params should live on it); None runs without a mesh context.
     pad_id: default the tokenizer's, else 0 (padding is never attended to)."""
     if tokenizer is None and params.stop:
@@ -217,8 +216,7 @@ def generate(model, tokenizer, prompts: Sequence, params: SamplingParams, *, mes
     if tokenizer is not None:
         from jaxalign.data.examples import encode_prompt
 
-        # Token id prompts (a list of ints) are used as given; text and messages are tokenized as in training.
-        prompts = [p if _is_ids(p) else encode_prompt(tokenizer, p) for p in prompts]
+        prompts = [p if _is_ids(p) else encode_prompt(tokenizer, p) for p in prompts]  # ids: as given
     pad_id = pad_id if pad_id is not None else tokenizer.pad_id if tokenizer is not None else 0
     eos_ids = default_eos_ids(model, tokenizer) if params.eos_ids is None else params.eos_ids
     out = []
@@ -231,7 +229,6 @@ def generate(model, tokenizer, prompts: Sequence, params: SamplingParams, *, mes
 
 def _is_ids(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt) and len(prompt) > 0
-
 
 def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *, mesh: Mesh | None = None,
                  batch_size: int = 0, pad_id: int = 0) -> list[list[int]]:

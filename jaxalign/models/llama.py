@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign.errors import JaxalignError
 from jaxalign.models import attention as attn, quant
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.lora import LoraInputs, delta, dropped
@@ -145,6 +146,9 @@ class Decoder(nnx.Module):
 
     def output_embedding(self) -> jax.Array:
         """The [embed, vocab] output projection (the transposed input embedding when tied)."""
+        if self.cfg.num_labels:
+            raise JaxalignError("a reward model has a score head, not an LM head: it scores (jaxalign score --reward, "
+                                "eval.judge: reward:PATH), it does not generate")
         return self.embed.get_value().T if self.cfg.tie_word_embeddings else self.lm_head.get_value()
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:

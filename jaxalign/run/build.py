@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxalign.checkpoint import model_io
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
-from jaxalign.models import ModelConfig, init_model
+from jaxalign.models import ModelConfig, abstract_model, init_model
 from jaxalign.models.lora import LoraSpec, abstract_adapters, init_adapters, resolve_targets
 from jaxalign.models.quant import QuantSpec
 from jaxalign.runtime.sharding import MESH_AXES, make_mesh, merged_rules
@@ -159,13 +159,16 @@ def build_model_and_tokenizer(cfg, mesh, rules, checked=None):
 
 def with_score_head(model, rm_cfg: ModelConfig, mesh, rules, seed: int, options):
     """`model`'s weights under `rm_cfg` (a reward model): its LM head dropped, the score head drawn as
-    transformers initialises it (normal, initializer_range)."""
-    fresh = init_model(rm_cfg, mesh, rules, seed=seed, **options)
-    graphdef, state = nnx.split(fresh)
+    transformers initialises it (normal, std initializer_range), born on its shards."""
+    graphdef, abstract, shardings = abstract_model(rm_cfg, mesh, rules, **options)
+    head = nnx.to_pure_dict(abstract)["score"]
+    key = jax.random.fold_in(jax.random.key(seed), 2)  # its own stream: not init's, not dropout's
+    score = jax.jit(lambda: (rm_cfg.initializer_range * jax.random.normal(key, head.shape)).astype(head.dtype),
+                    out_shardings=nnx.to_pure_dict(shardings)["score"])()
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params.pop("lm_head", None)
-    nnx.replace_by_pure_dict(state, {**params, "score": nnx.to_pure_dict(state)["score"]})
-    return nnx.merge(graphdef, state)
+    nnx.replace_by_pure_dict(abstract, {**params, "score": score})
+    return nnx.merge(graphdef, abstract)
 
 
 def run_tokenizer(cfg):
