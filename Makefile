@@ -10,8 +10,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU) is pinned by the test extra; installing it first keeps pip from
 	# resolving a multi-GB CUDA build.
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,plots]"
+	$(PY) -m pip install -q --no-compile "torch==2.13.0"
+	# --no-compile: bytecode is written on first import, for the modules used, not for all of them.
+	$(PY) -m pip install -q --no-compile -e ".[test,plots]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,14 +1,20 @@
 """`jaxalign pipeline` end to end on a small version of the demo (configs/demo.yaml): SFT, the gate
-failing then passing, DPO, the base/SFT/DPO report, the HF export (loaded by transformers, greedy
-text equal to `jaxalign generate`), a re-run that skips everything, `jaxalign eval` and `jaxalign pairs`.
+failing then passing, the reward model, DPO, the base/SFT/DPO report judged by the reward model, the HF
+export (loaded by transformers, greedy text equal to `jaxalign generate`), a re-run that skips
+everything, `jaxalign eval` and `jaxalign pairs` (with the task's judge and with the reward model).
 
-The small run is the demo with fewer rows and steps (`small_demo`). The first run asks for a
-stricter gate than its SFT model reaches (eval.min_sft_skill 0.99), so it stops with SFTGateError
-(exit code 2) before DPO; the second run, with the demo's own gate (0.8), reuses the finished SFT run
-and its recorded skill and goes on to DPO, the report and the export. Measured on a loaded 2-core
+The small run is the demo with fewer rows and steps (`small_demo`), `pipeline.stages: [sft, rm, dpo]`.
+The first run asks for a stricter gate than its SFT model reaches (eval.min_sft_skill 0.99), so it
+stops with SFTGateError (exit code 2) before the reward model and DPO; the second run, with the demo's
+own gate (0.8), reuses the finished SFT run and its recorded skill and goes on. Measured on the 2-core
 machine with 8 virtual devices (deterministic for a given jax/XLA build):
 
-    base skill 0%; SFT skill 94%, style 30%; DPO skill 91%, style 98%, win-rate over SFT 82%
+    base skill 0%; SFT skill 84%, style 30%; reward model held-out accuracy 94%;
+    DPO skill 84%, style 100%, reward-judged win-rate over SFT 86% [75%, 92%] (LC 51%; the task's
+    judge agrees on 89% of the pairs it decides)
+
+The fault tests run a shorter pipeline ([sft, dpo], batches of 8), killed with -9 at each kind of
+point and sent SIGTERM in each stage, against the same pipeline uninterrupted.
 
 The pipeline runs in a subprocess (`python -m jaxalign.cli pipeline`, with the suite's environment,
 tests/conftest.py, at full LLVM optimisation). Everything else runs in this process and compiles nothing that trains.
@@ -141,21 +147,6 @@ def _start_cli(argv: list[str], log: pathlib.Path) -> subprocess.Popen:
 
 def _logged_step(run: pathlib.Path) -> int:
     return max(logged_steps(run), default=0)
-
-
-def _sigterm_once(argv: list[str], log: pathlib.Path, ready, timeout: float = 400) -> int:
-    """Start the pipeline, SIGTERM it once `ready()` holds, and return its exit code."""
-    proc = _start_cli(argv, log)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            assert proc.poll() is None, f"the pipeline exited ({proc.returncode}) early:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        return proc.wait(timeout=timeout)
-    finally:
-        proc.kill()
 
 
 # ----------------------------------------------------------------------------- the gate
@@ -446,11 +437,13 @@ def test_reward_model_data_must_not_hold_the_held_out_pairs(small_demo):
 
 # A shorter pipeline for the fault tests, on batches of 8: every re-run pays the start-up again (~8 s here).
 SHORT_SFT, SHORT_DPO = 40, 20
-# The suite kills once at each kind of kill point, in chain order (8 kills, every kind reached); the
-# campaign (JAXALIGN_KILL_CAMPAIGN=N, e.g. 20) kills N times at the first new point, or one time in three
-# after a random delay, as `benchmarks/RESULTS.md` records it: slow end-to-end work, kept out of `make test`.
+# The suite kills once at each kind of kill point, in chain order (8 kills, every kind reached), and sends
+# a SIGTERM once in SFT and once in DPO; the campaign (JAXALIGN_KILL_CAMPAIGN=N, e.g. 20) interrupts N times
+# at the first new point, or one time in three after a random delay, as `benchmarks/RESULTS.md` records it:
+# slow end-to-end work, kept out of `make test`.
 CAMPAIGN = int(os.environ.get("JAXALIGN_KILL_CAMPAIGN", "0"))
 KILLS = CAMPAIGN or 8
+INTERRUPTIONS = CAMPAIGN or KILLS + 2  # the suite: 8 kills and 2 SIGTERMs
 SHORT = [f"sft.overrides.train.max_steps={SHORT_SFT}", f"dpo.overrides.train.max_steps={SHORT_DPO}",
          "train.eval_every=20", "train.log_every=5", "checkpoint.every_steps=20", "checkpoint.keep=2",
          "eval.min_sft_skill=0", "eval.num_generations=16", "eval.kl_samples=0", "train.batch_size=8",
@@ -495,44 +488,16 @@ def _assert_equal_to_reference(root: pathlib.Path, ref: pathlib.Path) -> None:
         assert (root / stage / "checkpoints" / str(best["step"]) / "params").is_dir()
 
 
-@pytest.fixture(scope="module")
-def interrupted_run(small_demo, short_reference) -> dict:
-    """The shorter pipeline preempted (SIGTERM) at a random logged step of SFT, re-run, preempted at a
-    random step of DPO, re-run to the end."""
-    root = small_demo["root"].parent / "interrupted"
-    rng, seed = _seeded()
-    sft_at, dpo_at = rng.randrange(5, SHORT_SFT - 5, 5), rng.randrange(5, SHORT_DPO - 5, 5)  # a margin to the end
-    print(f"\nSIGTERM after SFT step {sft_at} and DPO step {dpo_at} (seed {seed})")
-    argv = _argv([*small_demo["sets"], *SHORT, f"output_dir={root}"])
-    codes = [_sigterm_once(argv, root.parent / "interrupted_1.log", lambda: _logged_step(root / "sft") >= sft_at)]
-    states = [(lifecycle.state_of(root / "sft"), lifecycle.state_of(root / "dpo"), (root / "gate.json").exists())]
-    codes.append(_sigterm_once(argv, root.parent / "interrupted_2.log", lambda: _logged_step(root / "dpo") >= dpo_at))
-    states.append((lifecycle.state_of(root / "sft"), lifecycle.state_of(root / "dpo"), (root / "gate.json").exists()))
-    last = _subprocess_cli(argv, timeout=400, log=root.parent / "interrupted_3.log")
-    return {"root": root, "codes": codes, "states": states, "last": last}
-
-
-def test_sigterm_in_each_stage_then_rerun_gives_the_uninterrupted_report(interrupted_run, short_reference):
-    """Preempted in SFT: exit 75, SFT `preempted`, no gate, no DPO. Re-run: SFT resumes and finishes, the
-    gate passes, DPO is preempted: exit 75. Re-run: DPO resumes, the report and export are written, and
-    every metric of every model equals the uninterrupted run's."""
-    run = interrupted_run
-    assert run["codes"] == [lifecycle.EXIT_PREEMPTED, lifecycle.EXIT_PREEMPTED], run["codes"]
-    assert run["states"] == [("preempted", None, False), ("finished", "preempted", True)], run["states"]
-    assert run["last"].returncode == 0, run["last"].stderr[-4000:]
-    assert "DPO: resuming the preempted run" in run["last"].stderr and "SFT: finished run" in run["last"].stderr
-    _assert_equal_to_reference(run["root"], short_reference["root"])
-
-
 def _kind(point: str) -> str:
     """A kill point without its step: "sft checkpoint 20 being written" -> "sft checkpoint being written"."""
     return " ".join(word for word in point.split() if not word.isdigit())
 
 
-def _kill_points(root: pathlib.Path) -> set[str]:
+def _kill_points(root: pathlib.Path, preempt_at: dict[str, int]) -> set[str]:
     """What a kill can land in, as seen from outside: a checkpoint being written, each new best.json,
-    gate.json, the base model, the report and the export half-written."""
-    seen = set()
+    gate.json, the base model, the report and the export half-written; and where a SIGTERM goes: a stage
+    past its step `preempt_at[stage]`."""
+    seen = {f"{stage} preempt point" for stage, at in preempt_at.items() if _logged_step(root / stage) >= at}
     for stage in ("sft", "dpo"):
         ckpts = root / stage / "checkpoints"
         if ckpts.is_dir():
@@ -550,32 +515,42 @@ def _kill_points(root: pathlib.Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def killed_run(small_demo, short_reference) -> dict:
-    """The shorter pipeline killed -9 at KILLS points, re-run after each, then run to the end. In the suite
-    each kill comes at the first new kill point of a kind not killed yet; in a campaign at the first new
-    kill point or, one time in three, after a random 1-10 s (start-up, data, compilation, evaluation:
-    wherever that lands)."""
+    """The shorter pipeline interrupted again and again, re-run after each, then run to the end: kill -9 at
+    each kind of kill point, and a SIGTERM (a preemption) at a random logged step of SFT and of DPO. In the
+    suite each interruption comes at the first new point of a kind not hit yet; in a campaign at the first
+    new point or, one time in three, a kill -9 after a random 1-10 s (start-up, data, compilation,
+    evaluation: wherever that lands)."""
     tmp = small_demo["root"].parent
     root = tmp / "killed"
     rng, seed = _seeded()
+    # Past SFT's first checkpoint (20) and before DPO's (its last, 20): a resumed run reaches them anew.
+    preempt_at = {"sft": rng.randrange(25, SHORT_SFT, 5), "dpo": rng.randrange(5, SHORT_DPO, 5)}
     argv = _argv([*small_demo["sets"], *SHORT, f"output_dir={root}"])
-    kills, finished_early = [], False
+    kills, preempted, finished_early = [], [], False
     start = time.perf_counter()
-    for k in range(KILLS):
+    for k in range(INTERRUPTIONS):
         log = tmp / f"killed_{k}.log"
-        before = _kill_points(root)
+        before = _kill_points(root, preempt_at)
         delay = rng.uniform(1.0, 10.0) if CAMPAIGN and rng.random() < 1 / 3 else None
-        killed_kinds = {_kind(w) for w in kills}
+        hit_kinds = {_kind(w) for w in kills} | {f"{stage} preempt point" for stage, _, _ in preempted}
         proc = _start_cli(argv, log)
         t0, where = time.monotonic(), None
         while proc.poll() is None and where is None:
             if delay is not None:
                 where = f"after {delay:.1f} s" if time.monotonic() - t0 >= delay else None
             else:
-                new = sorted(_kill_points(root) - before)
-                where = next((w for w in new if CAMPAIGN or _kind(w) not in killed_kinds), None)
+                new = sorted(_kill_points(root, preempt_at) - before)
+                where = next((w for w in new if CAMPAIGN or _kind(w) not in hit_kinds), None)
             if where is None:
                 time.sleep(0.002)
             assert time.monotonic() - t0 < 400, "timed out"
+        if where is not None and where.endswith("preempt point"):
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=300)
+            assert code == lifecycle.EXIT_PREEMPTED, f"exit {code}:\n{log.read_text()[-4000:]}"
+            states = (lifecycle.state_of(root / "sft"), lifecycle.state_of(root / "dpo"), (root / "gate.json").exists())
+            preempted.append((where.split()[0], states, k))
+            continue
         proc.kill()
         code = proc.wait(timeout=60)
         if code == 0:  # it finished before a kill point came: nothing left to kill
@@ -583,20 +558,28 @@ def killed_run(small_demo, short_reference) -> dict:
             break
         assert code == -signal.SIGKILL, f"exit {code}:\n{log.read_text()[-4000:]}"
         kills.append(where)
-    print(f"\nkill -9 at (seed {seed}, {time.perf_counter() - start:.0f} s): {kills}")
+    print(f"\nkill -9 at (seed {seed}, {time.perf_counter() - start:.0f} s): {kills}; SIGTERM: {preempted}")
     last = _subprocess_cli(argv, 400, tmp / "killed_last.log")
-    return {"root": root, "kills": kills, "last": last, "finished_early": finished_early}
+    logs = [(tmp / f"killed_{k}.log").read_text() for k in range(len(kills) + len(preempted))] + [last.stderr]
+    return {"root": root, "kills": kills, "preempted": preempted, "last": last, "logs": logs,
+            "finished_early": finished_early}
 
 
-def test_kill_minus_9_at_every_kind_of_point_always_ends_finished_and_equal(killed_run, short_reference):
-    """However the runs were killed, the last re-run ends with every stage finished, nothing skipped or
-    corrupt: the report's metrics and the exported weights equal the uninterrupted run's."""
+def test_kill_minus_9_and_sigterm_anywhere_always_end_finished_and_equal(killed_run, short_reference):
+    """However the runs were killed or preempted, the last re-run ends with every stage finished, nothing
+    skipped or corrupt: the report's metrics and the exported weights equal the uninterrupted run's. A
+    SIGTERM in SFT exits 75 with SFT `preempted`, no gate and no DPO; one in DPO exits 75 with SFT
+    finished, the gate passed and DPO `preempted`; the next run resumes it."""
     run = killed_run
     assert run["last"].returncode == 0, run["last"].stderr[-4000:]
-    assert len(run["kills"]) == KILLS or run["finished_early"], run["kills"]
+    assert len(run["kills"]) + len(run["preempted"]) == INTERRUPTIONS or run["finished_early"], run["kills"]
     assert len(run["kills"]) >= KILLS // 2, run["kills"]  # the chain has more kill points than that
     if not CAMPAIGN:  # one kill in each kind of point, on through DPO (a short window may pass unseen)
         assert len({_kind(w) for w in run["kills"]}) == len(run["kills"]), run["kills"]
         assert {"dpo checkpoint being written", "dpo best.json naming step", "report half-written",
                 "export half-written"} & {_kind(w) for w in run["kills"]}, run["kills"]
+        states = {stage: s for stage, s, _ in run["preempted"]}
+        assert states == {"sft": ("preempted", None, False), "dpo": ("finished", "preempted", True)}, run["preempted"]
+        after_dpo = next(k for stage, _, k in run["preempted"] if stage == "dpo") + 1
+        assert "DPO: resuming the preempted run" in run["logs"][after_dpo]
     _assert_equal_to_reference(run["root"], short_reference["root"])
