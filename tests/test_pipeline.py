@@ -89,7 +89,7 @@ def small_demo(tmp_path_factory) -> dict:
     root = tmp / "run"
     sets = [
         f"output_dir={root}", f"tokenizer.path={tokenizer}",
-        f"eval.prompts={data['eval_prompts']}", f"eval.num_generations={N_EVAL}",
+        f"eval.prompts={data['eval_prompts']}", f"eval.num_generations={N_EVAL}", "eval.kl_samples=16",
         f"sft.overrides.data.train={data['sft']}", f"sft.overrides.data.eval={data['sft_eval']}",
         f"sft.overrides.train.max_steps={SFT_STEPS}", "sft.overrides.train.eval_every=0",
         f"dpo.overrides.data.train={data['preference']}", f"dpo.overrides.data.eval={data['preference_eval']}",
@@ -324,7 +324,7 @@ def test_eval_cli_writes_report_and_warns_when_dpo_is_sft(passed_run, tmp_path):
     out = tmp_path / "eval"
     sft = str(root / "sft")
     code, stdout, err = _cli(["eval", "--config", str(root / "config.yaml"), "--models", f"sft={sft},dpo={sft}",
-                              "--out", str(out)])
+                              "--out", str(out), "--set", "eval.kl_samples=0"])
     assert code == 0, err
     for name in ("report.md", "report.json", "stage_metrics.png", "generations_sft.jsonl", "generations_dpo.jsonl"):
         assert (out / name).is_file(), name

@@ -148,7 +148,7 @@ def build_model_and_tokenizer(cfg, mesh, rules, checked=None):
     options = model_options(cfg)
     if path:
         model = model_io.load_model(path, mesh, rules, **options)
-        if model.cfg != model_cfg:
+        if model_cfg.num_labels and not model.cfg.num_labels:  # stage rm from a causal LM
             model = with_score_head(model, model_cfg, mesh, rules, cfg.train.seed, options)
         dtype = model_io.source_dtype(path)
     else:
