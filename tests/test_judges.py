@@ -13,10 +13,11 @@ from flax import nnx
 from tiny_runs import TINY_LLAMA
 
 from jaxalign.config import load_config
+from jaxalign.config.checks import parse_judge
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.eval import winrate
-from jaxalign.eval.judges import CHOICES, ModelJudge, combine_orders, parse_judge
+from jaxalign.eval.judges import CHOICES, ModelJudge, combine_orders
 from jaxalign.eval.report import build_report, render_markdown
 from jaxalign.models import ModelConfig, init_model
 from jaxalign.runtime.sharding import make_mesh, use_mesh

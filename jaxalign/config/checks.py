@@ -6,6 +6,7 @@ import difflib
 import logging
 
 from jaxalign.config.schema import LORA_TARGETS
+from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import is_remote
 from jaxalign.runtime.sharding import MESH_AXES
 
@@ -102,10 +103,10 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
     need(e["max_new_tokens"] >= 1, "eval.max_new_tokens", "must be >= 1")
     need(e["num_generations"] >= 0, "eval.num_generations", "must be >= 0")
     need(e["kl_samples"] >= 0, "eval.kl_samples", "must be >= 0 (0 = off)")
-    kind, sep, path = e["judge"].partition(":")
-    need(not sep or kind in ("reward", "llm", "likelihood") or "/" in kind or len(kind) <= 1 or path.startswith("//"),
-         "eval.judge", f"unknown judge kind {kind!r}: use reward:PATH, llm:PATH, likelihood:PATH, a model PATH, "
-         "or '' (the task's judge)")
+    try:
+        parse_judge(e["judge"])
+    except JaxalignError as err:
+        errors.append(("eval.judge", str(err)))
     for field in ("{prompt}", "{first}", "{second}"):
         need(not e["judge_template"] or field in e["judge_template"], "eval.judge_template", f"must contain {field}")
     need(g["max_new_tokens"] >= 1, "generate.max_new_tokens", "must be >= 1")
@@ -163,3 +164,20 @@ def _lora_errors(c: dict, need) -> list[tuple[str, str]]:
         need(p["reference"] != "model", "dpo.reference", "is a second copy of the model, but with lora the "
              "reference is the base without the adapters: use 'auto' or 'adapters_off' (or 'precomputed')")
     return errors
+
+
+JUDGE_KINDS = ("reward", "llm", "likelihood")
+
+
+def parse_judge(spec: str, task_name: str = "") -> tuple[str, str]:
+    """`eval.judge` as (kind, path): ("task", task name), ("reward" | "llm" | "likelihood", model path),
+    or ("", "") when nothing judges. A bare path is the likelihood judge."""
+    if spec in ("", "task"):
+        return ("task", task_name) if task_name else ("", "")
+    kind, sep, path = spec.partition(":")
+    if sep and kind in JUDGE_KINDS and path:
+        return kind, path
+    if sep and len(kind) > 1 and "/" not in kind and not path.startswith("//"):  # a typo; gs://, C:\\ are paths
+        raise JaxalignError(f"eval.judge {spec!r}: unknown judge kind {kind!r}; use reward:PATH, llm:PATH, "
+                            "likelihood:PATH, a bare model PATH (likelihood) or '' (the task's judge)")
+    return "likelihood", spec

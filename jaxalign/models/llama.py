@@ -41,6 +41,12 @@ class KVCache(NamedTuple):
     index: jax.Array  # int32 scalar: the row index the next token is written at
 
 
+def last_hidden(hidden: jax.Array, real: jax.Array) -> jax.Array:
+    """hidden [batch, length, embed] at each row's last position where `real` [batch, length] holds."""
+    last = jnp.argmax(jnp.where(real, jnp.arange(real.shape[1]), -1), axis=1)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """As transformers: normalise in fp32, cast back, then scale."""
     x32 = x.astype(jnp.float32)
@@ -139,8 +145,7 @@ class Decoder(nnx.Module):
         real = segment_ids > 0
         if self.cfg.pad_token_id is not None:
             real &= tokens != self.cfg.pad_token_id
-        last = jnp.argmax(jnp.where(real, jnp.arange(tokens.shape[1]), -1), axis=1)
-        h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        h = last_hidden(hidden, real)
         w = self.score.get_value().astype(self.dtype)
         return jnp.einsum("be,el->bl", h, w, preferred_element_type=jnp.float32)[:, 0]
 
