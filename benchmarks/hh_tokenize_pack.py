@@ -37,7 +37,7 @@ def main() -> None:
             t0 = time.perf_counter()
             examples, stats = tokenize_dataset(rows, tok, cfg.data, "sft", cache_dir=cache)
             t1 = time.perf_counter()
-            lengths = [len(ids) for ids in examples["input_ids"]]
+            lengths = examples.lengths()
             bins = pack_bfd(lengths, cfg.data.max_length)
             t2 = time.perf_counter()
         best_tok, best_pack = min(best_tok, t1 - t0), min(best_pack, t2 - t1)

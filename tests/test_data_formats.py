@@ -490,16 +490,16 @@ def test_second_run_reads_the_cache_without_tokenizing(model_file, tmp_path):
     cfg = data_cfg()
     first, stats1 = tokenize_dataset(ds, tok, cfg, "sft", cache_dir=str(tmp_path))
     assert calls["n"] > 0 and not stats1.from_cache
-    assert len(list((tmp_path / "tokenized").glob("sft-*.arrow"))) == 1
+    assert len(list((tmp_path / "tokenized").glob("sft-*/meta.json"))) == 1
 
     calls["n"] = 0
     second, stats2 = tokenize_dataset(ds, tok, cfg, "sft", cache_dir=str(tmp_path))
     assert calls["n"] == 0 and stats2.from_cache
-    assert second.to_list() == first.to_list() and stats2.rows_out == stats1.rows_out
+    assert list(second) == list(first) and stats2.rows_out == stats1.rows_out
 
     # Another setting or another chat template is another cache entry.
     tokenize_dataset(ds, tok, data_cfg(max_length=14), "sft", cache_dir=str(tmp_path))
     assert calls["n"] > 0
     tok.set_chat_template("llama2")
     _, stats3 = tokenize_dataset(ds, tok, cfg, "sft", cache_dir=str(tmp_path))
-    assert not stats3.from_cache and len(list((tmp_path / "tokenized").glob("sft-*.arrow"))) == 3
+    assert not stats3.from_cache and len(list((tmp_path / "tokenized").glob("sft-*/meta.json"))) == 3

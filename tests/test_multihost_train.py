@@ -4,8 +4,8 @@ losses and eval metrics as 1 process x 8 devices (this pytest process, uninterru
 
 The two workers are this file run as a script (`python tests/test_multihost_train.py worker ...`); they
 join through the JAXALIGN_* environment that `jaxalign.runtime.distributed` reads, as `launch/gpu.sh` sets it.
-They share the run dirs (one filesystem, like a pod's shared bucket) but each has its own tokenized-data
-cache (a pod host's local disk).
+They share the run dirs and the tokenized-data cache (one filesystem, like a pod's shared storage): process 0
+writes the token store, process 1 opens it without tokenizing.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def run_stages(root: pathlib.Path, shared_data: pathlib.Path, cache: pathlib.Pat
                     losses[record["step"]] = record["loss"]
                     tokens[record["step"]] = record["tokens"]
         evals = {k: v for k, v in summary.items() if k.startswith("eval/")}
-        out[stage] = {"losses": losses, "tokens": tokens, "eval": evals, "steps": summary["steps"]}
+        out[stage] = {"losses": losses, "tokens": tokens, "eval": evals, "steps": summary["steps"],
+                      "from_cache": trainer.data_stats["train"].from_cache}
     return out
 
 
@@ -89,8 +90,7 @@ def worker(process_id: int, port: int, root: str, shared_data: str) -> None:
     # Each process's own compilation cache: the resumed trainer reuses the first one's programs.
     jax.config.update("jax_compilation_cache_dir", str(root_path / f"xla-cache-{process_id}"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    result = run_stages(root_path / "runs", pathlib.Path(shared_data), root_path / f"cache-{process_id}",
-                        interrupt=("dpo",))
+    result = run_stages(root_path / "runs", pathlib.Path(shared_data), root_path / "cache", interrupt=("dpo",))
     (root_path / f"result-{process_id}.json").write_text(json.dumps(result))
     jax.distributed.shutdown()
 
@@ -129,6 +129,9 @@ def test_two_processes_train_sft_and_dpo_like_one(tmp_path, shared_data):
             for key, value in ref[stage]["eval"].items():
                 # summed log-probs (~ -400) differ in float32 rounding only: relative 1e-6
                 assert g[stage]["eval"][key] == pytest.approx(value, rel=1e-6, abs=1e-5), (stage, key)
+    # One token store per stage, written by process 0 and opened by process 1.
+    assert [g["sft"]["from_cache"] for g in got] == [False, True], got
+    assert len(list((tmp_path / "multi" / "cache" / "tokenized").glob("sft-*/meta.json"))) == 2  # train, held out
     # Shared files written once, by process 0; both stages' checkpoints restorable as models.
     runs = tmp_path / "multi" / "runs"
     for stage in ("sft", "dpo"):

@@ -306,7 +306,7 @@ def test_train_resume_and_load_a_run_on_gs(fake_gcs, shared_data, tmp_path, monk
         remote = model_io.load_model("gs://bucket/runs/sft", mesh)
         local = model_io.load_model(run, mesh)  # the same files, read as a local run dir
     assert_same_params(remote, local)
-    assert list((tmp_path / "home/.cache/jaxalign/tokenized").glob("*.arrow"))
+    assert list((tmp_path / "home/.cache/jaxalign/tokenized").glob("*/meta.json"))
 
     files = write_report("gs://bucket/runs/report", build_report({"sft": {"eval_loss": 1.0}}, {"title": "t"}),
                          {"sft": "gs://bucket/runs/sft/metrics.jsonl"})

@@ -224,7 +224,6 @@ def tokenize_throughput(max_length: int) -> dict:
 
     from jaxalign.config import default_config
     from jaxalign.data.iterator import BatchIterator
-    from jaxalign.data.pipeline import _examples
     from jaxalign.data.sources import load_rows
     from jaxalign.data.tokenize import tokenize_dataset
     from jaxalign.data.tokenizer import load_tokenizer
@@ -241,8 +240,7 @@ def tokenize_throughput(max_length: int) -> dict:
         data.max_length, data.max_prompt_length = max_length, min(384, max_length * 3 // 4)
         for stage in ("sft", "dpo"):
             t = time.perf_counter()
-            ds, stats = tokenize_dataset(rows, tok, data, stage, cache_dir=os.path.join(tmp, f"cache-{stage}"))
-            examples = _examples(ds)
+            examples, stats = tokenize_dataset(rows, tok, data, stage, cache_dir=os.path.join(tmp, f"cache-{stage}"))
             elapsed = time.perf_counter() - t
             out[f"hh_tokenize_{stage}_rows_per_s"] = len(rows) / elapsed
             out[f"hh_tokenize_{stage}_s"] = elapsed

@@ -111,6 +111,7 @@ SCHEMA: dict[str, Any] = {
                      "~/.cache/jaxalign when output_dir is a URL"),
         "sft_from_preference": F(False, "SFT on the chosen side of preference rows"),
         "max_rows": F(0, "read at most this many rows per source; 0 = all"),
+        "num_workers": F(0, "processes that tokenize; 0 = one per CPU core (one for small data)"),
     },
     "train": {
         "max_steps": F(-1, "optimizer steps to run; -1 = train.epochs over the data"),

@@ -118,8 +118,11 @@ def _stats_lines(stats: Any, total: int) -> list[str]:
 def _sft_report(examples: Sequence[Mapping], tokenizer: Any, cfg_data: Any) -> list[str]:
     max_length = int(cfg_data.get("max_length", 1024))
     multiple = int(cfg_data.get("pad_to_multiple_of", 64))
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    trained = [int(np.count_nonzero(np.asarray(ex["loss_mask"], bool)[1:])) for ex in examples]
+    if hasattr(examples, "trained_targets"):  # a token store: from its offsets, no example read
+        lengths, trained = examples.lengths().tolist(), examples.trained_targets().tolist()
+    else:
+        lengths = [len(ex["input_ids"]) for ex in examples]
+        trained = [int(np.count_nonzero(np.asarray(ex["loss_mask"], bool)[1:])) for ex in examples]
     lines = ["lengths (tokens):", _percentiles("sequence", lengths), _percentiles("trained", trained),
              f"trained tokens: {sum(trained)} of {sum(lengths)} ({100 * sum(trained) / max(sum(lengths), 1):.1f}%); "
              f"examples with no trained token: {sum(t == 0 for t in trained)}"]

@@ -37,8 +37,7 @@ from jaxalign.data.batching import (
     dpo_rows,
     pair_lengths,
     pair_margins,
-    sft_rows,
-)
+    )
 from jaxalign.data.packing import pack_bfd, pack_rows
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.sharding import batch_sharding, data_parallel_size
@@ -117,8 +116,16 @@ class BatchIterator:
                                 f"train.batch_size={batch_size}; lower the batch size or add data")
 
     def _lengths(self) -> np.ndarray:
-        """Tokens per example ([n] for SFT, [n, 2] chosen/rejected for DPO), checked once."""
-        if self.paired:
+        """Tokens per example ([n] for SFT, [n, 2] chosen/rejected for DPO), checked once; a token
+        store gives them from its offsets, without reading an example."""
+        if hasattr(self.examples, "lengths"):
+            lengths = self.examples.lengths()
+            if self.paired:
+                for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                    empty = np.flatnonzero(self.examples.column_lengths(column) == 0)
+                    if empty.size:
+                        check_pair(self.examples[int(empty[0])], f"example {int(empty[0])}")
+        elif self.paired:
             for i, pair in enumerate(self.examples):
                 check_pair(pair, f"example {i}")
             lengths = np.array([pair_lengths(p) for p in self.examples], np.int64).reshape(-1, 2)
@@ -176,23 +183,20 @@ class BatchIterator:
         return batch
 
     def _build(self, units: list) -> dict[str, np.ndarray]:
-        extra: dict[str, np.ndarray | None] = {}
-        if self.paired:
+        if self.paired:  # a process's rows hold one side of every pair (chosen rows first), so read all
             pairs = [self.examples[i] for i in units]
+            length = bucket_length(int(self.lengths[units].max()), self.pad_to_multiple_of, self.max_length)
             rows = dpo_rows(pairs, self.batch_size)
+            batch = pack_rows([rows[r] for r in self.local_rows], length, self.pad_id)
             extra = {"ref_logps": dpo_ref_logps(pairs, self.batch_size),
                      "margin": pair_margins(pairs, self.batch_size) if self.stage == "rm" else None}
-            length = bucket_length(int(self.lengths[units].max()), self.pad_to_multiple_of, self.max_length)
-        elif self.packing:
-            rows = [[self.examples[i] for i in row] for row in units]
-            rows += [[] for _ in range(self.batch_size - len(rows))]
-            length = self.max_length
-        else:
-            rows = sft_rows([self.examples[i] for i in units], self.batch_size)
-            length = bucket_length(int(self.lengths[units].max()), self.pad_to_multiple_of, self.max_length)
-        batch = pack_rows([rows[r] for r in self.local_rows], length, self.pad_id)
-        batch.update({k: v[self.local_rows] for k, v in extra.items() if v is not None})
-        return batch
+            return batch | {k: v[self.local_rows] for k, v in extra.items() if v is not None}
+        # SFT: read only the examples of this process's rows
+        fetch = lambda r: [self.examples[i] for i in units[r]] if self.packing else [self.examples[units[r]]]  # noqa: E731
+        local = [fetch(r) if r < len(units) else [] for r in self.local_rows]
+        length = self.max_length if self.packing else bucket_length(
+            int(self.lengths[units].max()), self.pad_to_multiple_of, self.max_length)
+        return pack_rows(local, length, self.pad_id)
 
     # --- resume
 

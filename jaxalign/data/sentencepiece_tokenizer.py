@@ -22,6 +22,8 @@ import re
 import shutil
 from typing import Any, Sequence
 
+import numpy as np
+
 from jaxalign.data.tokenizer import Offsets, Tokenizer
 from jaxalign.errors import JaxalignError
 
@@ -62,6 +64,7 @@ class SentencePieceTokenizer(Tokenizer):
         # Longest first so "<s>" never matches inside a longer special string.
         alternatives = sorted(self.special_ids, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+        self._piece_chars, self._dummy_prefix = _piece_chars(self)
         self._check_config_dir()
 
     # --- encoding
@@ -102,11 +105,20 @@ class SentencePieceTokenizer(Tokenizer):
         return ids, offsets
 
     def _encode_segment_with_offsets(self, segment: str) -> tuple[list[int], Offsets]:
+        if self._piece_chars is not None and segment.isascii():
+            # Identity normalization and one byte per character: each piece covers as many characters as
+            # it has (a byte piece one), after the dummy prefix; twice as fast as reading the proto.
+            ids = self.sp.encode(segment)
+            chars = self._piece_chars[ids]
+            ends = np.cumsum(chars)
+            if (chars >= 0).all() and (not ids or ends[-1] == len(segment) + self._dummy_prefix):
+                d = self._dummy_prefix
+                return ids, list(zip(np.maximum(ends - chars - d, 0).tolist(), np.maximum(ends - d, 0).tolist()))
         proto = self.sp.encode_as_proto(segment)
+        ids = [p.id for p in proto.pieces]
         # sentencepiece reports UTF-8 byte offsets; map them to character offsets.
         byte_starts = _char_byte_starts(segment)
         to_char = lambda b: bisect.bisect_right(byte_starts, b) - 1 if b < byte_starts[-1] else len(segment)  # noqa: E731
-        ids = [p.id for p in proto.pieces]
         offsets = [(to_char(p.begin), to_char(p.end)) for p in proto.pieces]
         # Byte-fallback pieces of one multi-byte character: all but the last come back empty.
         # Give them the character's range so they are masked together with it.
@@ -195,6 +207,22 @@ def _user_defined_ids(sp: Any) -> set[int]:
     proto.ParseFromString(sp.serialized_model_proto())
     user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
     return {i for i, piece in enumerate(proto.pieces) if piece.type == user_defined}
+
+
+def _piece_chars(tok: SentencePieceTokenizer) -> tuple[np.ndarray | None, int]:
+    """(characters of text each piece stands for, 1 if a dummy prefix is added), when the model does not
+    normalize text; (None, 0) otherwise, or when a piece (unk, control) stands for no fixed text."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.sp.serialized_model_proto())
+    norm = proto.normalizer_spec
+    if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
+        return None, 0
+    sp = tok.sp
+    chars = np.array([1 if sp.is_byte(i) else -1 if sp.is_unknown(i) or sp.is_control(i) else len(sp.id_to_piece(i))
+                      for i in range(tok.vocab_size)], np.int64)
+    return chars, int(norm.add_dummy_prefix)
 
 
 def _char_byte_starts(text: str) -> list[int]:

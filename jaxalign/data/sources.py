@@ -18,6 +18,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -65,6 +66,27 @@ def load_rows(
     if max_rows > 0 and len(ds) > max_rows:
         ds = ds.select(range(max_rows))
     return ds
+
+
+def rows_fingerprint(path_or_name: str | list[str], split: str = "train", max_rows: int = 0) -> str | None:
+    """A hash of what `load_rows` would read, from local file names, sizes and modification times,
+    without reading a row: a token store made from these rows is found before they are loaded. None
+    for a hub id or a URL, whose contents are only known by reading them."""
+    names = path_or_name if isinstance(path_or_name, (list, tuple)) else [path_or_name]
+    files = []
+    for name in map(lambda n: os.path.expanduser(os.fspath(n)), names):
+        if paths.is_remote(name):
+            return None
+        if any(c in name for c in "*?["):
+            found = sorted(f for f in paths.glob(name) if os.path.isfile(f))
+        elif os.path.isfile(name):
+            found = [name]
+        elif os.path.isdir(name):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs)
+        else:
+            return None
+        files.append([name, [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in found]])
+    return hashlib.sha256(json.dumps([files, split, max_rows]).encode()).hexdigest()
 
 
 def split_train_eval(

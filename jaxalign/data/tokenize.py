@@ -1,30 +1,41 @@
 """Tokenize a dataset of normalized rows into the examples the batching code consumes; cache them on disk.
 
-    examples, stats = tokenize_dataset(load_rows(path), tok, cfg.data, "sft", loss_on=cfg.sft.loss_on,
-                                       cache_dir=resolve_cache_dir(cfg))
+    store, stats = tokenize_dataset(load_rows(path), tok, cfg.data, "sft", loss_on=cfg.sft.loss_on,
+                                    cache_dir=resolve_cache_dir(cfg))
+    store[0]  # {"input_ids": [...], "loss_mask": [...]}
 
 Each row is normalized (`jaxalign.data.formats`, `jaxalign.data.preference`) and then tokenized by
 `jaxalign.data.examples`, whose doc gives the example layouts and the tokenization and truncation
 rules. Every skip, drop and truncation is counted in `DataStats`; nothing disappears silently.
 
-Cache: one arrow file per (rows fingerprint, tokenizer fingerprint, chat template, settings,
-code version) under `cache_dir/tokenized/`; a second run with the same inputs reads it back
-without tokenizing. `resolve_cache_dir(cfg)` gives data.cache_dir or, when that is '',
-`output_dir/cache` (the schema's rule); with no config at all, or an output_dir that is a URL,
-~/.cache/jaxalign.
+Store: the examples go to a token store (`jaxalign.data.store`: flat arrays on disk, read by
+memory map), one per (rows fingerprint, tokenizer fingerprint, chat template, settings, code
+version) under `cache_dir/tokenized/`, with the stats beside them; a later run or stage with the
+same inputs opens it without tokenizing. Rows are tokenized in chunks of CHUNK_ROWS over
+`data.num_workers` processes (0 = one per core; one process for small data), written in row order
+as they come, so memory holds a few chunks, never the dataset. `resolve_cache_dir(cfg)` gives
+data.cache_dir or, when that is '', `output_dir/cache` (the schema's rule); with no config at all,
+or an output_dir that is a URL, ~/.cache/jaxalign.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
-from typing import Any, Mapping
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping
 
 import datasets
+import numpy as np
 
 from jaxalign.data.examples import (
     Dropped,
@@ -35,6 +46,7 @@ from jaxalign.data.examples import (
 )
 from jaxalign.data.formats import BadRow, normalize_sft_row, resolve_format
 from jaxalign.data.preference import normalize_preference_row, preference_to_sft
+from jaxalign.data.store import META_FILE, PAIR_COLUMNS, SFT_COLUMNS, StoreWriter, TokenStore
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import is_remote
@@ -42,19 +54,8 @@ from jaxalign.runtime.paths import is_remote
 log = logging.getLogger(__name__)
 
 # Bump when tokenization output changes for the same inputs: old cache files are then ignored.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "jaxalign")
-
-SFT_FEATURES = {"input_ids": datasets.List(datasets.Value("int32")), "loss_mask": datasets.List(datasets.Value("bool"))}
-PREFERENCE_FEATURES = {k: datasets.List(datasets.Value("int32")) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-# Per-row bookkeeping written next to the example and dropped after the stats are read.
-_ROW_FEATURES = {
-    "_drop": datasets.Value("string"),  # "" = kept, else "reason\tFILE:ROW: message"
-    "_truncated_prompt": datasets.Value("bool"),
-    "_truncated_completion": datasets.Value("bool"),
-    "_prompt_not_prefix": datasets.Value("int8"),
-}
-
 
 @dataclasses.dataclass
 class DataStats:
@@ -81,6 +82,12 @@ class DataStats:
             {**other.first_drop, **self.first_drop}, self.from_cache and other.from_cache,
         )
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataStats:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return dataclasses.replace(cls(**{k: v for k, v in d.items() if k in fields}),
+                                   dropped_by_reason=collections.Counter(d.get("dropped_by_reason", {})))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"dropped_by_reason": dict(self.dropped_by_reason), "dropped": self.dropped}
 
@@ -98,7 +105,7 @@ class DataStats:
 
 
 def tokenize_dataset(
-    ds: datasets.Dataset,
+    ds: datasets.Dataset | Callable[[], datasets.Dataset],
     tokenizer: Tokenizer,
     cfg_data: Mapping[str, Any],
     stage: str,
@@ -106,12 +113,15 @@ def tokenize_dataset(
     loss_on: str = "completion",
     cache_dir: str | None = None,
     source: str = "",
-) -> tuple[datasets.Dataset, DataStats]:
-    """Normalize and tokenize every row: (examples dataset, stats). Cached on disk; see the module doc.
+    rows_key: str | None = None,
+) -> tuple[TokenStore, DataStats]:
+    """Normalize and tokenize every row into a token store: (store, stats). See the module doc.
 
+    ds: the rows, or a function giving them (called only when no store holds them yet). rows_key: a
+    fingerprint of the rows known without loading them (`sources.rows_fingerprint`); default ds's own.
     cfg_data: the `data` config section (format, lengths, truncation, on_bad_row, sft_from_preference,
-    cache_dir). stage: "sft", or "dpo" / "rm" (pairs; a `margin` column is kept for the reward model's
-    loss, TRL's). loss_on: `sft.loss_on`. cache_dir: overrides data.cache_dir.
+    cache_dir, num_workers). stage: "sft", or "dpo" / "rm" (pairs; a `margin` column is kept for the
+    reward model's loss, TRL's). loss_on: `sft.loss_on`. cache_dir: overrides data.cache_dir.
     source: the name quoted in errors for rows without a `_source` column (see `load_rows`).
     """
     if stage not in ("sft", "dpo", "rm"):
@@ -120,56 +130,137 @@ def tokenize_dataset(
     settings = TokenizeSettings.from_config(cfg_data, loss_on if stage == "sft" else "completion")
     on_bad_row = data_value(cfg_data, "on_bad_row")
     from_pref = data_value(cfg_data, "sft_from_preference")
-    fmt = resolve_format(ds.column_names, data_value(cfg_data, "format"), stage, from_pref)
-    preference_rows = fmt == "preference"
-    margins = stage == "dpo" and "margin" in ds.column_names
-    features = datasets.Features((PREFERENCE_FEATURES if stage == "dpo" else SFT_FEATURES) | _ROW_FEATURES
-                                 | ({"margin": datasets.Value("float32")} if margins else {}))
-    empty = {k: [] for k in features if not k.startswith("_")}
+    fmt_spec = data_value(cfg_data, "format")  # with the rows, it decides the format (auto detection)
+    if rows_key is None:
+        ds = ds() if callable(ds) else ds
+        rows_key = ds._fingerprint
+    key = _cache_key(rows_key, tokenizer, fmt_spec, stage, settings, on_bad_row, from_pref)
+    root = os.path.join(os.path.expanduser(cache_dir or data_value(cfg_data, "cache_dir") or DEFAULT_CACHE_DIR),
+                        "tokenized")
+    path = os.path.join(root, f"{stage}-{key[:32]}") if key else _scratch_dir()
+    if key and os.path.isfile(os.path.join(path, META_FILE)):
+        store = TokenStore(path)
+        stats = dataclasses.replace(DataStats.from_dict(store.meta["stats"]), from_cache=True)
+        fmt = store.meta["note"]["format"]
+    else:
+        ds = ds() if callable(ds) else ds
+        fmt = resolve_format(ds.column_names, fmt_spec, stage, from_pref)
+        job = _Job(ds, tokenizer, settings, stage, fmt, on_bad_row, source, "margin" in ds.column_names)
+        store, stats = _write_store(job, path, _workers(data_value(cfg_data, "num_workers"), len(ds)),
+                                    {"rows_fingerprint": rows_key, "rows": len(ds), "tokenizer": repr(tokenizer),
+                                     "format": fmt, "stage": stage, "settings": dataclasses.asdict(settings),
+                                     "on_bad_row": on_bad_row, "sft_from_preference": from_pref,
+                                     "cache_version": CACHE_VERSION})
+    log.info("tokenized %s rows (%s, %s%s): %s", source or "data", stage, fmt, ", from the store" * stats.from_cache,
+             stats.summary())
+    if stats.rows_out == 0:
+        raise JaxalignError(f"every one of the {stats.rows_in} rows of {source or 'the data'} was dropped:\n"
+                            + stats.summary())
+    return store, stats
 
-    def process(row: dict[str, Any], index: int) -> dict[str, Any]:
-        where = f"{row.get('_source') or source or 'rows'}:{row.get('_row') or index + 1}"
+
+@dataclasses.dataclass
+class _Job:
+    """What a tokenizing process needs: the rows and the rules (pickled once per worker)."""
+
+    ds: datasets.Dataset
+    tokenizer: Tokenizer
+    settings: TokenizeSettings
+    stage: str
+    fmt: str
+    on_bad_row: str
+    source: str
+    margins: bool
+
+    def row(self, row: dict[str, Any], index: int) -> tuple[dict | None, dict | str]:
+        """(example, flags), or (None, "reason\tFILE:ROW: message") for a dropped row."""
+        where = f"{row.get('_source') or self.source or 'rows'}:{row.get('_row') or index + 1}"
         try:
-            if preference_rows:
+            if self.fmt == "preference":
                 pref = normalize_preference_row(row)
-                if stage == "dpo":
-                    example, flags = tokenize_preference_example(pref, tokenizer, settings)
-                    if margins:
+                if self.stage == "dpo":
+                    example, flags = tokenize_preference_example(pref, self.tokenizer, self.settings)
+                    if self.margins:
                         example = {**example, "margin": _margin(row)}
-                else:
-                    example, flags = tokenize_sft_example(preference_to_sft(pref), tokenizer, settings)
-            else:
-                example, flags = tokenize_sft_example(normalize_sft_row(row, fmt), tokenizer, settings)
+                    return example, flags
+                return tokenize_sft_example(preference_to_sft(pref), self.tokenizer, self.settings)
+            return tokenize_sft_example(normalize_sft_row(row, self.fmt), self.tokenizer, self.settings)
         except BadRow as e:
-            if on_bad_row == "error" and not isinstance(e, Dropped):
+            if self.on_bad_row == "error" and not isinstance(e, Dropped):
                 raise JaxalignError(
                     f"{where}: {e} [{e.reason}]. Fix the row, or set data.on_bad_row: skip to skip such rows "
                     "(they are counted)"
                 ) from None
-            return empty | ({"margin": 0.0} if margins else {}) | {"_drop": f"{e.reason}\t{where}: {e}", "_truncated_prompt": False,
-                            "_truncated_completion": False, "_prompt_not_prefix": 0}
-        return example | flags | {"_drop": ""}
+            return None, f"{e.reason}\t{where}: {e}"
 
-    key = _cache_key(ds, tokenizer, fmt, stage, settings, on_bad_row, from_pref)
-    cache_file = None
-    if key is not None:
-        root = os.path.join(os.path.expanduser(cache_dir or data_value(cfg_data, "cache_dir") or DEFAULT_CACHE_DIR),
-                            "tokenized")
-        cache_file = os.path.join(root, f"{stage}-{key[:32]}.arrow")
-    from_cache = cache_file is not None and os.path.exists(cache_file)
-    mapped = ds.map(
-        process, with_indices=True, remove_columns=ds.column_names, features=features,
-        cache_file_name=cache_file, load_from_cache_file=True, keep_in_memory=cache_file is None,
-        new_fingerprint=(key or _random_key())[:32], desc=f"tokenizing ({stage}, {fmt})",
-    )
-    if cache_file is not None and not from_cache:
-        _write_cache_note(cache_file, ds, tokenizer, fmt, stage, settings, on_bad_row, from_pref)
-    examples, stats = _collect(mapped, from_cache)
-    log.info("tokenized %s rows (%s, %s): %s", source or "data", stage, fmt, stats.summary())
-    if stats.rows_out == 0:
-        raise JaxalignError(f"every one of the {stats.rows_in} rows of {source or 'the data'} was dropped:\n"
-                            + stats.summary())
-    return examples, stats
+    def chunk(self, span: tuple[int, int]) -> tuple[dict[str, Any], DataStats]:
+        """Rows [start, end) as store columns (flat values, lengths) and their stats."""
+        start, end = span
+        columns = self.ds[start:end]
+        names = list(columns)
+        stats = DataStats(rows_in=end - start)
+        kept: list[dict] = []
+        for k, values in enumerate(zip(*(columns[c] for c in names))):
+            example, flags = self.row(dict(zip(names, values)), start + k)
+            if example is None:
+                reason, message = flags.split("\t", 1)
+                stats.dropped_by_reason[reason] += 1
+                stats.first_drop.setdefault(reason, message)
+                continue
+            kept.append(example)
+            stats.truncated_prompt += flags["_truncated_prompt"]
+            stats.truncated_completion += flags["_truncated_completion"]
+            stats.prompt_not_prefix += flags.get("_prompt_not_prefix", 0) > 0
+        stats.rows_out = len(kept)
+        out: dict[str, Any] = {}
+        for c in (PAIR_COLUMNS if self.stage == "dpo" else SFT_COLUMNS):
+            lists = [ex[c] for ex in kept]
+            flat = list(itertools.chain.from_iterable(lists))
+            out[c] = (np.array(flat, SFT_COLUMNS.get(c, "int32")), np.array([len(v) for v in lists], np.int64))
+        if self.margins:
+            out["margin"] = np.array([ex["margin"] for ex in kept], np.float32)
+        return out, stats
+
+
+_WORKER_JOB: _Job | None = None
+CHUNK_ROWS = 256
+ROWS_PER_WORKER = 2000  # below this a worker's start-up (imports, tokenizer) costs more than it saves
+
+
+def _init_worker(job: _Job) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = job
+
+
+def _run_chunk(span: tuple[int, int]):
+    return _WORKER_JOB.chunk(span)
+
+
+def _workers(requested: int, rows: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(requested or cores, rows // ROWS_PER_WORKER))
+
+
+def _write_store(job: _Job, path: str, workers: int, note: dict) -> tuple[TokenStore, DataStats]:
+    """Tokenize in chunks (over `workers` processes), writing each chunk as it comes, in row order."""
+    spans = [(s, min(s + CHUNK_ROWS, len(job.ds))) for s in range(0, len(job.ds), CHUNK_ROWS)]
+    stats = DataStats()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with StoreWriter(path, PAIR_COLUMNS if job.stage == "dpo" else SFT_COLUMNS,
+                     ["margin"] if job.margins else []) as writer, contextlib.ExitStack() as stack:
+        if workers > 1:
+            # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit mid-lock.
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
+                workers, initializer=_init_worker, initargs=(job,)))
+            results = pool.imap(_run_chunk, spans)
+        else:
+            results = map(job.chunk, spans)
+        for chunk, chunk_stats in results:
+            writer.add(chunk)
+            stats = stats + chunk_stats
+        stats.from_cache = False
+        store = writer.finish({"stats": stats.to_dict(), "note": note})
+    return store, stats
 
 
 def _margin(row: dict[str, Any]) -> float:
@@ -179,25 +270,11 @@ def _margin(row: dict[str, Any]) -> float:
     return float(value)
 
 
-def _collect(mapped: datasets.Dataset, from_cache: bool) -> tuple[datasets.Dataset, DataStats]:
-    """Stats from the bookkeeping columns, then the kept rows without them."""
-    cols = mapped.select_columns(list(_ROW_FEATURES)).to_dict()
-    stats = DataStats(rows_in=len(mapped), from_cache=from_cache)
-    keep = []
-    for i, drop in enumerate(cols["_drop"]):
-        if drop:
-            reason, message = drop.split("\t", 1)
-            stats.dropped_by_reason[reason] += 1
-            stats.first_drop.setdefault(reason, message)
-            continue
-        keep.append(i)
-        stats.truncated_prompt += cols["_truncated_prompt"][i]
-        stats.truncated_completion += cols["_truncated_completion"][i]
-        stats.prompt_not_prefix += cols["_prompt_not_prefix"][i] > 0
-    stats.rows_out = len(keep)
-    if len(keep) < len(mapped):
-        mapped = mapped.select(keep)
-    return mapped.remove_columns(list(_ROW_FEATURES)), stats
+def _scratch_dir() -> str:
+    """A store for data that cannot be cached (unfingerprinted tokenizer), removed at exit."""
+    path = tempfile.mkdtemp(prefix="jaxalign-tokens-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return os.path.join(path, "store")
 
 
 def resolve_cache_dir(cfg: Mapping[str, Any]) -> str:
@@ -222,23 +299,10 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str | None:
     return h.hexdigest()
 
 
-def _cache_key(ds, tok, fmt, stage, settings, on_bad_row, from_pref) -> str | None:
+def _cache_key(rows_key, tok, fmt, stage, settings, on_bad_row, from_pref) -> str | None:
     tok_hash = tokenizer_fingerprint(tok)
     if tok_hash is None:
         log.warning("tokenized data is not cached: cannot fingerprint tokenizer %r", tok)
         return None
-    parts = [CACHE_VERSION, ds._fingerprint, tok_hash, fmt, stage, dataclasses.astuple(settings), on_bad_row, from_pref]
+    parts = [CACHE_VERSION, rows_key, tok_hash, fmt, stage, dataclasses.astuple(settings), on_bad_row, from_pref]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-
-def _write_cache_note(cache_file, ds, tok, fmt, stage, settings, on_bad_row, from_pref) -> None:
-    """A readable note next to the cache file saying what it was made from."""
-    note = {"rows_fingerprint": ds._fingerprint, "rows": len(ds), "tokenizer": repr(tok), "format": fmt,
-            "stage": stage, "settings": dataclasses.asdict(settings), "on_bad_row": on_bad_row,
-            "sft_from_preference": from_pref, "cache_version": CACHE_VERSION}
-    with open(os.path.splitext(cache_file)[0] + ".json", "w", encoding="utf-8") as f:
-        json.dump(note, f, indent=2)
-
-
-def _random_key() -> str:
-    return os.urandom(16).hex()

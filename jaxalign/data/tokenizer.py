@@ -19,6 +19,8 @@ import logging
 import os
 from typing import Any, Sequence
 
+import numpy as np
+
 from jaxalign.data import chat_templates
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime import paths
@@ -80,13 +82,13 @@ def char_spans_to_token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence
     A zero-width token (a SentencePiece dummy prefix "▁" inserted before a segment) is marked
     when it sits at or inside a span: it is generated as part of the text that follows it.
     """
-    mask = []
-    for start, end in offsets:
-        if start == end:
-            mask.append(any(a <= start < b for a, b in spans))
-        else:
-            mask.append(any(start < b and a < end for a, b in spans))
-    return mask
+    o = np.asarray(offsets, np.int64).reshape(-1, 2)
+    start, end = o[:, 0], o[:, 1]
+    zero_width = start == end
+    mask = np.zeros(len(o), bool)
+    for a, b in spans:
+        mask |= np.where(zero_width, (a <= start) & (start < b), (start < b) & (a < end))
+    return mask.tolist()
 
 
 # ----------------------------------------------------------------------------- interface

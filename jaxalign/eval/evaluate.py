@@ -46,18 +46,17 @@ HELD_OUT = "heldout"  # eval.prompts: generate for the held-out pairs' prompts
 class HeldOut:
     """The held-out data every model is evaluated on."""
 
-    sft_examples: list[dict]  # tokenized SFT examples: NLL of the reference responses
-    pairs: list[dict]  # tokenized preference pairs: implicit-reward accuracy
+    sft_examples: Sequence[dict]  # tokenized SFT examples: NLL of the reference responses
+    pairs: Sequence[dict]  # tokenized preference pairs: implicit-reward accuracy
     prompts: list[dict]  # generation prompts, with the task's fields (e.g. the expected answer)
 
 
-def _held_out_examples(path: str, stage_cfg, tokenizer, stage: str) -> list[dict]:
+def _held_out_examples(path: str, stage_cfg, tokenizer, stage: str) -> Sequence[dict]:
     """Tokenized `path`, or (when '') the held-out split the stage validated on: its data.eval, or
     the seeded data.eval_fraction of its data.train."""
     if path:
-        ds, _ = tokenize_dataset(load_rows(path, stage_cfg.data.split), tokenizer, stage_cfg.data, stage,
-                                 loss_on=stage_cfg.sft.loss_on, cache_dir=resolve_cache_dir(stage_cfg), source=path)
-        return [{k: v for k, v in row.items() if not k.startswith("_")} for row in ds.to_list()]
+        return tokenize_dataset(load_rows(path, stage_cfg.data.split), tokenizer, stage_cfg.data, stage,
+                                loss_on=stage_cfg.sft.loss_on, cache_dir=resolve_cache_dir(stage_cfg), source=path)[0]
     if not stage_cfg.data.train or not (stage_cfg.data.eval or stage_cfg.data.eval_fraction):
         return []
     return load_examples(stage_cfg, tokenizer, stage=stage)[1]

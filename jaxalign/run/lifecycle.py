@@ -199,12 +199,15 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def examples_fingerprint(*splits: list[dict[str, Any]]) -> str:
+def examples_fingerprint(*splits) -> str:
     """A hash of the tokenized examples themselves (ids, masks, order): the data a run trains on,
-    whatever files, cache or settings it came from."""
+    whatever files, cache or settings it came from. A token store's is the hash it was written with."""
     h = hashlib.sha256()
     for examples in splits:
         h.update(f"split {len(examples)}".encode())
+        if hasattr(examples, "content_hash"):
+            h.update(examples.content_hash.encode())
+            continue
         for example in examples:
             for key in sorted(example):
                 value = example[key]

@@ -145,6 +145,8 @@ class Trainer(RunCheckpoints):
         from jaxalign.data.tokenize import tokenizer_fingerprint
 
         cfg = self.cfg
+        if jax.process_count() > 1:  # process 0 writes the token store; the others open it (shared cache_dir)
+            agree("tokenizing on process 0", lambda: jax.process_index() == 0 and load_examples(cfg, self.tokenizer))
         self.train_examples, self.eval_examples, self.data_stats = load_examples(cfg, self.tokenizer)
         data = lifecycle.examples_fingerprint(self.train_examples, self.eval_examples)
         self.train_iter = make_iterator(self.train_examples, cfg, mesh=self.mesh, pad_id=self.pad_id)
@@ -201,13 +203,13 @@ class Trainer(RunCheckpoints):
     def precompute_reference(self, params) -> None:
         """`dpo.reference: precomputed`: score every pair once with the starting weights, through the eval
         iterator (the batches evaluation builds), and keep the log-probs with the data, so no second
-        model is held during training. The examples are copied, not changed; the train iterator is
-        rebuilt over the copies."""
+        model is held during training. The examples are not changed: a token store gets a view with
+        the log-probs beside it (a list is copied); the train iterator is rebuilt over it."""
         # Replicated output: every process reads all log-probs (multi-host: no non-addressable shards).
         fn = jax.jit(lambda p, b: reference_logps(nnx.merge(self.graphdef, p), b, self.objective.chunk_size),
                      out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
-        def scored(examples: list[dict]) -> list[dict]:
+        def scored(examples):
             if not examples:  # no held-out set: nothing to score (an iterator needs a batch)
                 return []
             chosen, rejected = [], []
@@ -216,6 +218,9 @@ class Trainer(RunCheckpoints):
                 pairs = len(logps) // 2  # chosen rows, then rejected rows; padding pairs at the tail
                 chosen += logps[:pairs].tolist()
                 rejected += logps[pairs:].tolist()
+            if hasattr(examples, "with_scalars"):
+                n = len(examples)
+                return examples.with_scalars(ref_chosen_logp=np.array(chosen[:n]), ref_rejected_logp=np.array(rejected[:n]))
             return [{**ex, "ref_chosen_logp": c, "ref_rejected_logp": r}
                     for ex, c, r in zip(examples, chosen, rejected)]
 
