@@ -8,8 +8,9 @@
    Llama 2 SentencePiece tokenizer and the `llama2` template, assistant masks, one packing plan) and,
    with --trl, TRL's SFTTrainer dataset preparation of the same rows (the same tokenizer exported to
    tokenizer.json, the llama2 template with generation tags for assistant masks, packing, bfd),
-   both with --workers processes. Wall time, rows/s and the peak RSS of the whole process tree
-   (sampled every 50 ms; every process's resident memory, file-backed pages included) are printed.
+   both with --workers processes. Wall time, rows/s and the peak memory of the whole process tree are
+   printed: the sum of every process's PSS (resident memory, pages shared between processes counted
+   once; file-backed pages included), sampled every 0.5 s.
 3. Warm start: a fresh process opens the store the first run wrote and builds the first batch (the
    data side of the first training step).
 4. Host memory while iterating: anonymous RSS (RssAnon: not the memory-mapped store pages the
@@ -139,8 +140,8 @@ def _trl_prepare(data: str, hf_tokenizer: str, workers: int) -> dict:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2))
-    rows = datasets.load_dataset("json", data_files=data, split="train",
-                                 cache_dir=os.path.join(os.path.dirname(hf_tokenizer), "hf"))
+    # HF_DATASETS_CACHE is emptied before this run: TRL's map results are not reused from an earlier one.
+    rows = datasets.load_dataset("json", data_files=data, split="train")
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, max_length=MAX_LENGTH, packing=True, assistant_only_loss=True,
                          dataset_num_proc=workers, bf16=False, report_to=[], save_strategy="no")
@@ -161,7 +162,7 @@ def _rss_anon_mb() -> float:
 
 
 def _measure(mode: str, *argv: str) -> dict:
-    """Run one measured process; its result and the peak RSS of its process tree."""
+    """Run one measured process; its result and the peak PSS of its process tree."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, __file__, "--child", mode, *argv], stdout=subprocess.PIPE, text=True,
@@ -174,10 +175,10 @@ def _measure(mode: str, *argv: str) -> dict:
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                peak = max(peak, sum(p.memory_full_info().pss for p in tree if p.is_running()))
             except psutil.Error:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.5)  # reading smaps is not free: sample slowly, the peak builds over seconds
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -186,7 +187,7 @@ def _measure(mode: str, *argv: str) -> dict:
     thread.join()
     if proc.returncode:
         raise SystemExit(f"{mode} failed (exit {proc.returncode})")
-    result = json.loads(out.strip().splitlines()[-1]) | {"mode": mode, "peak_rss_mb": peak / 2**20}
+    result = json.loads(out.strip().splitlines()[-1]) | {"mode": mode, "peak_pss_mb": peak / 2**20}
     if "rows" in result and "seconds" in result:
         result["rows_per_s"] = result["rows"] / result["seconds"]
     print(json.dumps(result), flush=True)
@@ -198,6 +199,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=50_000)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--trl", action="store_true", help="also measure TRL's SFTTrainer preparation")
+    p.add_argument("--trl-only", action="store_true", help="measure TRL's preparation alone")
     p.add_argument("--out", default=str(ROOT / "runs" / "data_scale"))
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -219,25 +221,28 @@ def main() -> None:
     hf_cache = out / f"hf-{args.rows}"
     shutil.rmtree(hf_cache, ignore_errors=True)  # datasets' arrow copy of the rows: first time for both
     os.environ["HF_DATASETS_CACHE"] = str(hf_cache)
-    results = {"first": _measure("jaxalign", str(data), str(cache), str(args.workers)),
-               "warm": _measure("jaxalign", str(data), str(cache), str(args.workers)),
-               "iterate": _measure("iterate", str(data), str(cache))}
-    if args.trl:
+    results = {} if args.trl_only else {
+        "first": _measure("jaxalign", str(data), str(cache), str(args.workers)),
+        "warm": _measure("jaxalign", str(data), str(cache), str(args.workers)),
+        "iterate": _measure("iterate", str(data), str(cache))}
+    if args.trl or args.trl_only:
         from jaxalign.data.tokenizer import load_tokenizer
 
         hf_dir = out / "llama2-hf"
         load_tokenizer(str(TOKENIZER), "llama2").save_pretrained(str(hf_dir))
         shutil.rmtree(hf_cache, ignore_errors=True)
         results["trl"] = _measure("trl", str(data), str(hf_dir), str(args.workers))
+    if args.trl_only:
+        return
     first, warm = results["first"], results["warm"]
-    print(f"\nfirst preparation: {first['rows_per_s']:,.0f} rows/s, peak RSS {first['peak_rss_mb']:,.0f} MB "
+    print(f"\nfirst preparation: {first['rows_per_s']:,.0f} rows/s, peak PSS {first['peak_pss_mb']:,.0f} MB "
           f"({first['seconds']:.1f}s, {first['tokens']:,} tokens)")
     if "trl" in results:
         trl = results["trl"]
-        print(f"TRL SFTTrainer:    {trl['rows_per_s']:,.0f} rows/s, peak RSS {trl['peak_rss_mb']:,.0f} MB "
+        print(f"TRL SFTTrainer:    {trl['rows_per_s']:,.0f} rows/s, peak PSS {trl['peak_pss_mb']:,.0f} MB "
               f"({trl['seconds']:.1f}s); jaxalign / TRL rows/s = {first['rows_per_s'] / trl['rows_per_s']:.2f}")
     print(f"warm store to the first batch: {warm['seconds']:.2f}s (from_cache={warm['from_cache']}), "
-          f"peak RSS {warm['peak_rss_mb']:,.0f} MB")
+          f"peak PSS {warm['peak_pss_mb']:,.0f} MB")
     it = results["iterate"]
     print(f"iterating: RssAnon {it['rss_anon_mb_after_20']:,.0f} MB after 20 batches, "
           f"{it['rss_anon_mb_after_400']:,.0f} MB after 400")

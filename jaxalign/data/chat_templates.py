@@ -250,7 +250,8 @@ def render_conversation(
         if message.get("role") != "assistant":
             continue
         prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        with_turn = tokenizer.apply_chat_template(messages[: i + 1])
+        # The last turn of a conversation that ends with a reply is the full text (rendered once).
+        with_turn = full if i + 1 == len(messages) else tokenizer.apply_chat_template(messages[: i + 1])
         _check_prefix(prompt, with_turn, name, f"the first {i} messages with the generation prompt", f"the first {i + 1}")
         _check_prefix(with_turn, full, name, f"the first {i + 1} messages", f"all {len(messages)}")
         turn = with_turn[len(prompt):]

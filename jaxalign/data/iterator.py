@@ -1,7 +1,7 @@
 """Epochs of global batches with exact resume, each process building only its own rows.
 
-Every process holds the same tokenized examples and derives the same plan for an epoch from
-(seed, epoch) alone:
+Every process opens the same tokenized examples (a token store, `jaxalign.data.store`, or a list)
+and derives the same plan for an epoch from (seed, epoch) and the examples' lengths alone:
 
 * SFT, packed (data.packing): shuffle, best-fit-decreasing pack the whole epoch into rows of
   data.max_length, shuffle the rows, and cut them into batches of train.batch_size rows. Every
@@ -18,7 +18,9 @@ with empty rows (loss_mask all zero; eval).
 
 Multi-host: rows are laid over processes by `batch_sharding` (the batch axis over the
 data-parallel mesh axes); `host_rows` says which global rows this process's devices hold, the
-iterator builds only those, and `to_global_arrays` assembles the global jax.Arrays.
+iterator reads and builds only those (SFT: disjoint examples per process; DPO: a process's rows
+hold one side of every pair of the batch, so it reads those pairs), and `to_global_arrays`
+assembles the global jax.Arrays.
 """
 
 from __future__ import annotations

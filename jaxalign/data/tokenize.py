@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 
 import datasets
 import numpy as np
+import tqdm
 
 from jaxalign.data.examples import (
     Dropped,
@@ -255,7 +256,8 @@ def _write_store(job: _Job, path: str, workers: int, note: dict) -> tuple[TokenS
             results = pool.imap(_run_chunk, spans)
         else:
             results = map(job.chunk, spans)
-        for chunk, chunk_stats in results:
+        for chunk, chunk_stats in tqdm.tqdm(results, total=len(spans), desc=f"tokenizing ({job.stage}, {job.fmt})",
+                                            unit="chunk", disable=len(spans) < 8):
             writer.add(chunk)
             stats = stats + chunk_stats
         stats.from_cache = False
