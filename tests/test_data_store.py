@@ -85,8 +85,8 @@ def test_the_store_holds_the_per_row_examples_whoever_wrote_them(shared_data, mo
     """HH transcripts (SFT from the chosen side, and pairs) and multi-turn conversations: the store's
     examples equal the per-row rules' outputs; two worker processes write the same store as one."""
     plain, llama2 = load_tokenizer(model_file, "plain"), load_tokenizer(model_file, "llama2")
-    hh = load_rows(str(shared_data / HH), cache_dir=str(tmp_path / "hf")).select(range(700))  # 2 drops among them
-    chats = datasets.Dataset.from_list(conversations(400))
+    hh = load_rows(str(shared_data / HH), cache_dir=str(tmp_path / "hf")).select(range(300))
+    chats = datasets.Dataset.from_list(conversations(300))
     monkeypatch.setattr(tokenize_module, "ROWS_PER_WORKER", 150)  # so small data is worth two workers
     cases = [(hh, plain, data_cfg(sft_from_preference=True), "sft", (1,)), (hh, plain, data_cfg(), "dpo", (1,)),
              (chats, llama2, data_cfg(max_length=96), "sft", (1, 2))]
@@ -206,7 +206,7 @@ from jaxalign.data.tokenize import tokenize_dataset
 from jaxalign.data.tokenizer import load_tokenizer
 data = default_config().data
 data.update({"sft_from_preference": True, "on_bad_row": "skip", "num_workers": 1})
-tokenize_dataset(load_rows(sys.argv[1], max_rows=1200, cache_dir=sys.argv[3] + "/hf"), load_tokenizer(sys.argv[2], "plain"), data,
+tokenize_dataset(load_rows(sys.argv[1], max_rows=600, cache_dir=sys.argv[3] + "/hf"), load_tokenizer(sys.argv[2], "plain"), data,
                  "sft", cache_dir=sys.argv[3])
 """
 
@@ -231,7 +231,7 @@ def test_kill_minus_9_while_writing_leaves_no_store_and_the_next_writer_cleans_u
     assert len(stores) == 1 and ".tmp-" not in stores[0]  # the dead writer's dir was removed
     store = TokenStore(str(cache / "tokenized" / stores[0]))
     data = data_cfg(sft_from_preference=True, max_length=1024, max_prompt_length=512)
-    ds = load_rows(str(shared_data / HH), max_rows=1200, cache_dir=str(tmp_path / "hf2"))
+    ds = load_rows(str(shared_data / HH), max_rows=600, cache_dir=str(tmp_path / "hf2"))
     assert list(store) == per_row(ds, load_tokenizer(model_file, "plain"), data, "sft")
 
 

@@ -284,7 +284,7 @@ def test_dpo_precomputed_reference_matches_model_reference(base, sft_run, dpo_mo
     config = dpo_config(base, sft_run, "dpo_precomputed", "precomputed")
     trainer = Trainer(config)
     assert trainer.ref_params is None
-    assert all("ref_chosen_logp" in ex for ex in trainer.train_examples + trainer.eval_examples)
+    assert all("ref_chosen_logp" in ex for ex in [*trainer.train_examples, *trainer.eval_examples])
     summary = train_until(trainer, 4)
     assert summary["stopped_at"] == 4 and step_dirs(trainer.run) == [4]
     got, _ = read_metrics(trainer.run)

@@ -39,7 +39,7 @@ from jaxalign.data.batching import (
     dpo_rows,
     pair_lengths,
     pair_margins,
-    )
+)
 from jaxalign.data.packing import pack_bfd, pack_rows
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.sharding import batch_sharding, data_parallel_size

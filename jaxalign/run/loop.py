@@ -145,9 +145,10 @@ class Trainer(RunCheckpoints):
         from jaxalign.data.tokenize import tokenizer_fingerprint
 
         cfg = self.cfg
-        if jax.process_count() > 1:  # process 0 writes the token store; the others open it (shared cache_dir)
-            agree("tokenizing on process 0", lambda: jax.process_index() == 0 and load_examples(cfg, self.tokenizer))
-        self.train_examples, self.eval_examples, self.data_stats = load_examples(cfg, self.tokenizer)
+        first = None  # process 0 writes the token store; the others then open it (shared cache_dir)
+        if jax.process_count() > 1:
+            first = agree("tokenizing on process 0", lambda: jax.process_index() == 0 and load_examples(cfg, self.tokenizer))
+        self.train_examples, self.eval_examples, self.data_stats = first or load_examples(cfg, self.tokenizer)
         data = lifecycle.examples_fingerprint(self.train_examples, self.eval_examples)
         self.train_iter = make_iterator(self.train_examples, cfg, mesh=self.mesh, pad_id=self.pad_id)
         self.trained_position: Position | None = None  # the data position after the last trained step
