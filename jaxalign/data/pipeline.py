@@ -36,7 +36,8 @@ def load_examples(cfg, tokenizer, stage: str | None = None) -> tuple[TokenStore,
     train_key = rows_fingerprint(data.train, data.split, data.max_rows)
 
     def tokenize(rows, rows_key, name, part=""):
-        key = rows_key and f"{rows_key}:{part}:{data.eval_fraction}:{cfg.train.seed}" if part else rows_key
+        # A part of data.train is named by the split that made it: the fraction and the seed.
+        key = f"{rows_key}:{part}:{data.eval_fraction}:{cfg.train.seed}" if part and rows_key else rows_key
         return tokenize_dataset(rows, tokenizer, data, stage, loss_on=cfg.sft.loss_on, cache_dir=cache_dir,
                                 source=name, rows_key=key)
 

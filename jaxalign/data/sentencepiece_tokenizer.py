@@ -199,25 +199,33 @@ class SentencePieceTokenizer(Tokenizer):
         _set_tokenizer_class(out_dir, "PreTrainedTokenizerFast")
 
 
-def _user_defined_ids(sp: Any) -> set[int]:
-    """Ids of USER_DEFINED pieces (matched verbatim in text); the processor has no accessor for them."""
+def _model_proto(sp: Any):
+    """The model's ModelProto: what the processor has no accessor for (piece types, normalizer spec)."""
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(sp.serialized_model_proto())
+    return proto
+
+
+def _keeps_text(norm: Any) -> bool:
+    """The normalizer leaves text as it is (spaces become "▁", a dummy prefix may be added)."""
+    return norm.name in ("identity", "") and not norm.remove_extra_whitespaces
+
+
+def _user_defined_ids(sp: Any) -> set[int]:
+    """Ids of USER_DEFINED pieces (matched verbatim in text)."""
+    from sentencepiece import sentencepiece_model_pb2
+
     user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-    return {i for i, piece in enumerate(proto.pieces) if piece.type == user_defined}
+    return {i for i, piece in enumerate(_model_proto(sp).pieces) if piece.type == user_defined}
 
 
 def _piece_chars(tok: SentencePieceTokenizer) -> tuple[np.ndarray | None, int]:
     """(characters of text each piece stands for, 1 if a dummy prefix is added), when the model does not
     normalize text; (None, 0) otherwise, or when a piece (unk, control) stands for no fixed text."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(tok.sp.serialized_model_proto())
-    norm = proto.normalizer_spec
-    if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
+    norm = _model_proto(tok.sp).normalizer_spec
+    if not _keeps_text(norm):
         return None, 0
     sp = tok.sp
     chars = np.array([1 if sp.is_byte(i) else -1 if sp.is_unknown(i) or sp.is_control(i) else len(sp.id_to_piece(i))
@@ -253,12 +261,11 @@ def _sentencepiece_to_tokenizers(tok: SentencePieceTokenizer):
     from tokenizers import AddedToken, Tokenizer as HFBackend, decoders, models, normalizers, processors
 
     sp = tok.sp
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
+    proto = _model_proto(sp)
     norm = proto.normalizer_spec
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
         raise JaxalignError(f"{tok.model_file}: only BPE SentencePiece models can be exported to tokenizer.json")
-    if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
+    if not _keeps_text(norm):
         raise JaxalignError(
             f"{tok.model_file}: SentencePiece normalization {norm.name!r} (remove_extra_whitespaces="
             f"{norm.remove_extra_whitespaces}) cannot be reproduced exactly in tokenizer.json"

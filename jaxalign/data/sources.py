@@ -85,7 +85,8 @@ def rows_fingerprint(path_or_name: str | list[str], split: str = "train", max_ro
             found = sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs)
         else:
             return None
-        files.append([name, [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in found]])
+        stats = [(os.path.abspath(f), os.stat(f)) for f in found]
+        files.append([name, [(f, st.st_size, st.st_mtime_ns) for f, st in stats]])
     return hashlib.sha256(json.dumps([files, split, max_rows]).encode()).hexdigest()
 
 

@@ -187,7 +187,9 @@ class TokenStore(Sequence):
             values = np.asarray(mask[offsets[s]:offsets[e]], np.int64)
             sums = np.concatenate([[0], np.cumsum(values)])
             starts, ends = rel[:-1], rel[1:]
-            first = np.where(ends > starts, values[np.minimum(starts, max(len(values) - 1, 0))] if len(values) else 0, 0)
+            first = np.zeros(e - s, np.int64)
+            nonempty = ends > starts
+            first[nonempty] = values[starts[nonempty]]
             out[s:e] = sums[ends] - sums[starts] - first
         return out
 
