@@ -28,7 +28,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     os.chdir(ROOT)
-    cfg = load_config("configs/hh_tiny.yaml")
+    # the config reads the hub; these are the local copies of the same two files
+    cfg = load_config("configs/hh_tiny.yaml", ["data.train=../shared/data/hh-rlhf-harmless-base-test.jsonl.gz",
+                                               "tokenizer.path=../shared/data/llama2-tokenizer.model"])
     tok = load_tokenizer(cfg.tokenizer.path, cfg.tokenizer.chat_template)
     rows = load_rows(cfg.data.train)
     best_tok = best_pack = float("inf")

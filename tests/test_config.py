@@ -119,8 +119,10 @@ def test_wrong_type_message(tmp_path):
         load_config(None, ["train.seed=true"])                   # bools are not ints
     with pytest.raises(JaxalignError, match=r"'dpo\.beta' expects float, got False \(bool\)"):
         load_config(None, ["dpo.beta=false"])
-    with pytest.raises(JaxalignError, match=r"'data\.train' expects str or list of str"):
+    with pytest.raises(JaxalignError, match=r"'data\.train' expects str, list of str, or list of \{path, weight\}"):
         load_config(None, ["data.train=[a, 1]"])
+    with pytest.raises(JaxalignError, match=r"'data\.eval' expects str or list of str"):
+        load_config(None, ["data.eval=[a, 1]"])
     with pytest.raises(JaxalignError, match=r"'model\.config' expects mapping"):
         load_config(None, ["model.config=[1]"])
     with pytest.raises(JaxalignError, match=r"'dpo\.beta' is a float, not a section"):

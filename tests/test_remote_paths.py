@@ -312,3 +312,51 @@ def test_train_resume_and_load_a_run_on_gs(fake_gcs, shared_data, tmp_path, monk
                          {"sft": "gs://bucket/runs/sft/metrics.jsonl"})
     assert [str(f) for f in files][:2] == ["gs://bucket/runs/report/report.json", "gs://bucket/runs/report/report.md"]
     assert (fake_gcs / "bucket/runs/report/report.md").is_file()
+
+
+class FakeHub(DirFileSystem):
+    """hf://[datasets/]OWNER/NAME/FILE kept in ROOT/[datasets/]OWNER/NAME/FILE: the hub, offline."""
+
+    protocol = ("hf",)
+    cachable = False
+    root = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(path=self.root, fs=LocalFileSystem())
+
+
+def test_hh_tiny_reads_the_hub_and_offline_its_local_copies(shared_data, tmp_path, monkeypatch, capsys):
+    """configs/hh_tiny.yaml names the hub's files; the documented local override gives the same data.
+    Without the hub (HF_HUB_OFFLINE, as here) the hub config fails with an error that says what to do."""
+    from jaxalign import cli
+
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "hh_tiny.yaml")
+    run = [f"output_dir={tmp_path / 'run'}", "data.max_rows=400"]
+    local = ["data.train=" + str(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz"),
+             "tokenizer.path=" + str(shared_data / "llama2-tokenizer.model")]
+    inspect = lambda sets: cli.main(["data", "inspect", "--config", config,  # noqa: E731
+                                     *[a for s in sets for a in ("--set", s)]])
+    assert inspect(run) == 2
+    assert "'hf://NousResearch/Llama-2-7b-hf/tokenizer.model' does not exist (HF_HUB_OFFLINE is set" \
+        in capsys.readouterr().err
+    assert inspect([*run, local[1]]) == 2
+    assert "'hf://datasets/Anthropic/hh-rlhf/harmless-base/test.jsonl.gz' does not exist (HF_HUB_OFFLINE is set" \
+        in capsys.readouterr().err
+    assert inspect([*run, *local]) == 0
+    offline = capsys.readouterr().out
+    assert "stage: sft\nexamples: 379\n" in offline  # 400 rows less the 5% held out, one empty reply skipped
+
+    hub = tmp_path / "hub"
+    cfg = load_config(config)
+    for url, copy in zip((cfg.data.train, cfg.tokenizer.path), local):
+        target = hub / url.removeprefix("hf://")
+        target.parent.mkdir(parents=True)
+        target.write_bytes(pathlib.Path(copy.split("=", 1)[1]).read_bytes())
+    monkeypatch.setattr(FakeHub, "root", str(hub))
+    monkeypatch.setitem(fsspec_registry, "hf", FakeHub)
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    try:
+        assert inspect(run) == 0
+    finally:
+        epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    assert capsys.readouterr().out == offline

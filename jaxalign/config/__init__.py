@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import yaml
 
-from jaxalign.config.checks import cross_field_errors
+from jaxalign.config.checks import coerce_sources, cross_field_errors
 from jaxalign.config.schema import (
     BOOL,
     FLOAT,
@@ -30,6 +30,7 @@ from jaxalign.config.schema import (
     LIST_STR,
     MAPPING,
     SCHEMA,
+    SOURCES,
     STR,
     STR_OR_LIST,
     Field,
@@ -310,6 +311,8 @@ def _coerce(dotted: str, f: Field, value: Any, source: str) -> Any:
         ok = isinstance(value, float)
     elif t == STR:
         ok = isinstance(value, str)
+    elif t == SOURCES:
+        value, ok = coerce_sources(dotted, value, _where(source))
     elif t in (LIST_STR, STR_OR_LIST):
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             value = list(value)

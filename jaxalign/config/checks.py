@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
+from collections.abc import Mapping
+from typing import Any
 
-from jaxalign.config.schema import LORA_TARGETS
+from jaxalign.config.schema import LORA_TARGETS, SOURCE_KEYS
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import is_remote
 from jaxalign.runtime.sharding import MESH_AXES
@@ -13,6 +16,44 @@ from jaxalign.runtime.sharding import MESH_AXES
 log = logging.getLogger("jaxalign.config")
 
 CHAT_TEMPLATES = ("llama2", "llama3", "chatml", "plain")
+
+
+def coerce_sources(dotted: str, value: Any, where: str) -> tuple[Any, bool]:
+    """data.train as (value, type ok): a str, a list of str, or a weighted mixture, a list of
+    {path, weight, split, max_rows} mappings (weight > 0; split and max_rows default to data's)."""
+    if isinstance(value, str):
+        return value, True
+    if not isinstance(value, (list, tuple)) or not any(isinstance(v, Mapping) for v in value):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return (list(value) if ok else value), ok
+    out = []
+    for i, entry in enumerate(value):
+        key = f"config key '{dotted}[{i}]'"
+        if not isinstance(entry, Mapping):
+            raise JaxalignError(f"{key}: a weighted {dotted} gives every source as {{path: ..., weight: ...}}; "
+                                f"got {entry!r}{where}")
+        for k in entry:
+            if k not in SOURCE_KEYS:
+                close = difflib.get_close_matches(str(k), SOURCE_KEYS, 1, 0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise JaxalignError(f"{key}: unknown key '{k}'{hint} (a source has {', '.join(SOURCE_KEYS)}){where}")
+        path, weight = entry.get("path"), entry.get("weight", 1.0)
+        if isinstance(weight, str):  # YAML 1.1 reads 1e-1 as a string
+            try:
+                weight = float(weight)
+            except ValueError:
+                pass
+        checks = [(isinstance(path, str) and path != "", "path", "must be a file, dir, glob or hub id"),
+                  (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+                   and weight > 0, "weight", "must be a number > 0 (weights are relative: they need not sum to 1)"),
+                  (isinstance(entry.get("split", ""), str), "split", "must be a str"),
+                  (isinstance(entry.get("max_rows", 0), int) and not isinstance(entry.get("max_rows", 0), bool)
+                   and entry.get("max_rows", 0) >= 0, "max_rows", "must be an int >= 0 (0 = all rows)")]
+        for good, name, what in checks:
+            if not good:
+                raise JaxalignError(f"{key}: '{name}' {what}; got {entry.get(name)!r}{where}")
+        out.append({**entry, "weight": float(weight)})
+    return out, True
 
 
 def cross_field_errors(c: dict) -> list[tuple[str, str]]:
@@ -55,6 +96,16 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
         errors.append(("data.eval_fraction", "set either data.eval or data.eval_fraction, not both"))
     need(d["pad_to_multiple_of"] >= 1, "data.pad_to_multiple_of", "must be >= 1")
     need(d["max_rows"] >= 0, "data.max_rows", "must be >= 0 (0 = all rows)")
+    need(d["shuffle_buffer"] >= 1, "data.shuffle_buffer", "must be >= 1")
+    if d["streaming"]:  # what a stream cannot do (jaxalign/data/streaming.py)
+        need(t["max_steps"] > 0, "train.max_steps", "must be set (> 0) with data.streaming: a stream's length "
+             "is not known ahead")
+        need(d["eval_fraction"] == 0, "data.eval_fraction", "must be 0 with data.streaming (nothing is held out "
+             "of a stream): give the held-out rows as data.eval")
+        need(isinstance(d["train"], str) or all(isinstance(e, str) for e in d["train"]), "data.train",
+             "cannot be a weighted mixture with data.streaming")
+        need(c["stage"] != "dpo" or c["dpo"]["reference"] != "precomputed", "dpo.reference",
+             "cannot be 'precomputed' with data.streaming (it scores every pair before training): use 'model'")
     need(not is_remote(d["cache_dir"]), "data.cache_dir",
          "must be a local directory (datasets memory-maps the tokenized cache from local disk)")
     if c["stage"] in ("dpo", "rm"):

@@ -17,6 +17,9 @@ from typing import Any
 STR, INT, FLOAT, BOOL = "str", "int", "float", "bool"
 LIST_STR = "list of str"
 STR_OR_LIST = "str or list of str"
+SOURCES = "str, list of str, or list of {path, weight} mappings"
+# The keys of one source of a weighted data.train (jaxalign/data/mixture.py).
+SOURCE_KEYS = ("path", "weight", "split", "max_rows")
 MAPPING = "mapping"
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -93,7 +96,8 @@ SCHEMA: dict[str, Any] = {
         "rules": F({}, "overrides of the logical-axis rules: {logical_name: mesh axis, list of axes or null}"),
     },
     "data": {
-        "train": F("", "training data: a file, dir, glob or hub id, or a list of them", type=STR_OR_LIST),
+        "train": F("", "training data: a file, dir, glob or hub id, a list of them (concatenated), or a weighted "
+                   "mixture: a list of {path, weight[, split, max_rows]}", type=SOURCES),
         "eval": F("", "eval data, same forms as data.train; '' = split off data.eval_fraction",
                   type=STR_OR_LIST),
         "eval_fraction": F(0.0, "fraction of data.train held out for eval when data.eval is ''"),
@@ -112,6 +116,9 @@ SCHEMA: dict[str, Any] = {
         "sft_from_preference": F(False, "SFT on the chosen side of preference rows"),
         "max_rows": F(0, "read at most this many rows per source; 0 = all"),
         "num_workers": F(0, "processes that tokenize; 0 = one per CPU core (one for small data)"),
+        "streaming": F(False, "read, tokenize and batch data.train as it comes, never storing it (data larger "
+                       "than the disk cache, hub datasets); needs train.max_steps"),
+        "shuffle_buffer": F(10000, "rows in the shuffle buffer of a streamed data.train"),
     },
     "train": {
         "max_steps": F(-1, "optimizer steps to run; -1 = train.epochs over the data"),

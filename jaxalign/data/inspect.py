@@ -115,6 +115,28 @@ def _stats_lines(stats: Any, total: int) -> list[str]:
     return lines
 
 
+def _epoch_order(examples: Sequence[Mapping]) -> np.ndarray:
+    """The examples of an epoch: a weighted mixture's draw (epoch 0, seed 0), else each example once."""
+    if getattr(examples, "weighted", False):
+        return examples.epoch_order(np.random.default_rng([0, 0]), True)
+    return np.arange(len(examples))
+
+
+def _mixture_lines(mix: Any) -> list[str]:
+    """Per source of a weighted mixture: its weight, size, tokens, share of an epoch and tokenize counts."""
+    total = sum(p.weight for p in mix.parts)
+    lines = [f"mixture: {len(mix.parts)} sources; an epoch draws {int(mix.counts.sum())} examples by weight "
+             "(data.train weights, normalized):"]
+    for p, c in zip(mix.parts, mix.counts):
+        n, tokens = len(p.examples), int(np.asarray(p.examples.lengths()).sum())
+        st = p.stats
+        counts = (f"; rows kept {st.rows_out}/{st.rows_in}, truncated {st.truncated_prompt + st.truncated_completion}"
+                  f", dropped {st.dropped}" if st is not None else "")
+        lines.append(f"  {p.name}: weight {p.weight / total:.3f}, {n} examples ({tokens} tokens), {int(c)} per "
+                     f"epoch = {int(c) / max(n, 1):.2f} passes{counts}")
+    return lines
+
+
 def _sft_report(examples: Sequence[Mapping], tokenizer: Any, cfg_data: Any) -> list[str]:
     max_length = int(cfg_data.get("max_length", 1024))
     multiple = int(cfg_data.get("pad_to_multiple_of", 64))
@@ -127,9 +149,10 @@ def _sft_report(examples: Sequence[Mapping], tokenizer: Any, cfg_data: Any) -> l
              f"trained tokens: {sum(trained)} of {sum(lengths)} ({100 * sum(trained) / max(sum(lengths), 1):.1f}%); "
              f"examples with no trained token: {sum(t == 0 for t in trained)}"]
     if cfg_data.get("packing", True):
-        bins = pack_bfd(lengths, max_length)
-        lines.append(f"packing: {len(examples)} examples -> {len(bins)} rows of {max_length}; "
-                     f"efficiency {100 * bins_efficiency(lengths, bins, max_length):.1f}% non-pad")
+        epoch = np.asarray(lengths)[_epoch_order(examples)].tolist()
+        bins = pack_bfd(epoch, max_length)
+        lines.append(f"packing: {len(epoch)} examples -> {len(bins)} rows of {max_length}; "
+                     f"efficiency {100 * bins_efficiency(epoch, bins, max_length):.1f}% non-pad")
     else:
         padded = sum(bucket_length(n, multiple, max_length) for n in lengths)
         lines.append(f"padding (no packing): efficiency {100 * sum(lengths) / max(padded, 1):.1f}% non-pad "
@@ -188,5 +211,7 @@ def inspect_data(examples: Sequence[Mapping], stats: Any, tokenizer: Any, stage:
     paired = stage != "sft"
     lines = [f"stage: {stage}", f"{'pairs' if paired else 'examples'}: {len(examples)}",
              *_stats_lines(stats, len(examples))]
+    if getattr(examples, "weighted", False):
+        lines += _mixture_lines(examples)
     lines += _dpo_report(examples, tokenizer, cfg_data) if paired else _sft_report(examples, tokenizer, cfg_data)
     return "\n".join(lines) + "\n"

@@ -47,7 +47,7 @@ from jaxalign.runtime.sharding import batch_sharding, data_parallel_size
 STATE_VERSION = 1
 # state() keys that must match on restore: a different value would give different batches.
 _PLAN_KEYS = ("stage", "num_examples", "seed", "shuffle", "packing", "batch_size", "max_length",
-              "pad_to_multiple_of", "drop_remainder")
+              "pad_to_multiple_of", "drop_remainder", "mixture")
 
 
 def host_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
@@ -146,7 +146,10 @@ class BatchIterator:
     def _units(self, epoch: int) -> list:
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.examples)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if getattr(self.examples, "weighted", False):  # a weighted mixture draws each epoch (data/mixture.py)
+            order = self.examples.epoch_order(rng, self.shuffle)
+        else:
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
         if not self.packing:
             return order.tolist()
         rows = [[int(order[i]) for i in b] for b in pack_bfd(self.lengths[order], self.max_length)]
@@ -185,20 +188,7 @@ class BatchIterator:
         return batch
 
     def _build(self, units: list) -> dict[str, np.ndarray]:
-        if self.paired:  # a process's rows hold one side of every pair (chosen rows first), so read all
-            pairs = [self.examples[i] for i in units]
-            length = bucket_length(int(self.lengths[units].max()), self.pad_to_multiple_of, self.max_length)
-            rows = dpo_rows(pairs, self.batch_size)
-            batch = pack_rows([rows[r] for r in self.local_rows], length, self.pad_id)
-            extra = {"ref_logps": dpo_ref_logps(pairs, self.batch_size),
-                     "margin": pair_margins(pairs, self.batch_size) if self.stage == "rm" else None}
-            return batch | {k: v[self.local_rows] for k, v in extra.items() if v is not None}
-        # SFT: read only the examples of this process's rows
-        fetch = lambda r: [self.examples[i] for i in units[r]] if self.packing else [self.examples[units[r]]]  # noqa: E731
-        local = [fetch(r) if r < len(units) else [] for r in self.local_rows]
-        length = self.max_length if self.packing else bucket_length(
-            int(self.lengths[units].max()), self.pad_to_multiple_of, self.max_length)
-        return pack_rows(local, length, self.pad_id)
+        return build_host_batch(units, self.examples.__getitem__, self.lengths, self)
 
     # --- resume
 
@@ -208,7 +198,8 @@ class BatchIterator:
                 "stage": self.stage, "num_examples": len(self.examples), "seed": self.seed,
                 "shuffle": self.shuffle, "packing": self.packing, "batch_size": self.batch_size,
                 "max_length": self.max_length, "pad_to_multiple_of": self.pad_to_multiple_of,
-                "drop_remainder": self.drop_remainder}
+                "drop_remainder": self.drop_remainder,
+                "mixture": self.examples.plan_state() if hasattr(self.examples, "plan_state") else None}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -226,9 +217,36 @@ def make_iterator(examples: Sequence[Mapping], cfg: Any, *, stage: str | None = 
     """The iterator a run's config asks for: training (shuffled, endless, full batches) or eval
     (in order, one pass, eval.batch_size, the last batch padded with empty rows)."""
     data = cfg.data
+    if hasattr(examples, "epoch_rows"):  # a Stream (data.streaming): training only
+        from jaxalign.data.streaming import StreamIterator  # it builds on this module
+
+        return StreamIterator(examples, stage or cfg.stage, batch_size=cfg.train.batch_size,
+                              max_length=data.max_length, pad_to_multiple_of=data.pad_to_multiple_of,
+                              packing=data.packing, shuffle=data.shuffle, seed=cfg.train.seed,
+                              shuffle_buffer=data.shuffle_buffer, pad_id=pad_id, mesh=mesh)
     return BatchIterator(
         examples, stage or cfg.stage,
         batch_size=cfg.train.batch_size if train else cfg.eval.batch_size,
         max_length=data.max_length, pad_to_multiple_of=data.pad_to_multiple_of, packing=data.packing,
         shuffle=data.shuffle and train, seed=cfg.train.seed, pad_id=pad_id,
         epochs=None if train else 1, drop_remainder=train, mesh=mesh)
+
+
+def build_host_batch(units: list, get, lengths: np.ndarray, plan) -> dict[str, np.ndarray]:
+    """This process's rows of the batch of `units` (example ids, or packed rows of them): `get(i)` is
+    example i, `lengths[i]` its tokens; `plan` gives stage, paired, batch_size, packing, local_rows,
+    max_length, pad_to_multiple_of and pad_id (a BatchIterator, or the streaming one)."""
+    if plan.paired:  # a process's rows hold one side of every pair (chosen rows first), so read all
+        pairs = [get(i) for i in units]
+        length = bucket_length(int(lengths[units].max()), plan.pad_to_multiple_of, plan.max_length)
+        rows = dpo_rows(pairs, plan.batch_size)
+        batch = pack_rows([rows[r] for r in plan.local_rows], length, plan.pad_id)
+        extra = {"ref_logps": dpo_ref_logps(pairs, plan.batch_size),
+                 "margin": pair_margins(pairs, plan.batch_size) if plan.stage == "rm" else None}
+        return batch | {k: v[plan.local_rows] for k, v in extra.items() if v is not None}
+    # SFT: read only the examples of this process's rows
+    fetch = lambda r: [get(i) for i in units[r]] if plan.packing else [get(units[r])]  # noqa: E731
+    local = [fetch(r) if r < len(units) else [] for r in plan.local_rows]
+    length = plan.max_length if plan.packing else bucket_length(
+        int(lengths[units].max()), plan.pad_to_multiple_of, plan.max_length)
+    return pack_rows(local, length, plan.pad_id)

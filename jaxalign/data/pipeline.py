@@ -6,21 +6,25 @@ import functools
 import logging
 from collections.abc import Sequence
 
+from jaxalign.data.mixture import Mixture, Part, weighted_sources
 from jaxalign.data.sources import load_rows, rows_fingerprint, split_train_eval
-from jaxalign.data.store import TokenStore
+from jaxalign.data.streaming import open_stream
 from jaxalign.data.tokenize import DataStats, resolve_cache_dir, tokenize_dataset
 from jaxalign.errors import JaxalignError
 
 log = logging.getLogger(__name__)
 
 
-def load_examples(cfg, tokenizer, stage: str | None = None) -> tuple[TokenStore, Sequence[dict], dict[str, DataStats]]:
+def load_examples(cfg, tokenizer, stage: str | None = None) -> tuple[Sequence[dict], Sequence[dict], dict[str, DataStats]]:
     """(train examples, held-out examples, stats by split) for `stage` (default cfg.stage), as token
-    stores (`jaxalign.data.store`; the held-out set is [] when there is none).
+    stores (`jaxalign.data.store`), or for a weighted data.train a `Mixture` of one store per source
+    (`jaxalign.data.mixture`); the held-out set is [] when there is none.
 
-    The held-out set is `data.eval` when given, else a seeded `data.eval_fraction` of `data.train`.
-    Stats: every truncation and drop, by reason (a run writes them to RUN/data_stats.json). Writes
-    nothing but the tokenized cache.
+    The held-out set is `data.eval` when given, else a seeded `data.eval_fraction` of `data.train`
+    (of each source of a mixture). With data.streaming the training rows are a `Stream`, read and
+    tokenized by its iterator as training goes (`jaxalign.data.streaming`). Stats: every truncation and drop, by reason, as "train" and
+    "eval", and per source of a mixture as "train:NAME" (a run writes them to RUN/data_stats.json).
+    Writes nothing but the tokenized cache.
     """
     stage = stage or cfg.stage
     data = cfg.data
@@ -30,10 +34,6 @@ def load_examples(cfg, tokenizer, stage: str | None = None) -> tuple[TokenStore,
             f"id), or, in a pipeline config, {stage}.overrides.data.train (every command applies the overrides of "
             "the config's `stage`)")
     cache_dir = resolve_cache_dir(cfg)
-    # Rows are loaded only when a store lacks them: a warm store opens without reading the files.
-    splits = functools.cache(lambda: split_train_eval(load_rows(data.train, data.split, data.max_rows),
-                                                      data.eval_fraction, cfg.train.seed))
-    train_key = rows_fingerprint(data.train, data.split, data.max_rows)
 
     def tokenize(rows, rows_key, name, part=""):
         # A part of data.train is named by the split that made it: the fraction and the seed.
@@ -41,14 +41,37 @@ def load_examples(cfg, tokenizer, stage: str | None = None) -> tuple[TokenStore,
         return tokenize_dataset(rows, tokenizer, data, stage, loss_on=cfg.sft.loss_on, cache_dir=cache_dir,
                                 source=name, rows_key=key)
 
-    train, train_stats = tokenize(lambda: splits()[0], train_key, str(data.train), "train")
-    stats = {"train": train_stats}
+    def source(path, split, max_rows, name):
+        """(train store, its stats, held-out store or None, its stats) of one source of data.train."""
+        # Rows are loaded only when a store lacks them: a warm store opens without reading the files.
+        splits = functools.cache(lambda: split_train_eval(load_rows(path, split, max_rows), data.eval_fraction,
+                                                          cfg.train.seed))
+        key = rows_fingerprint(path, split, max_rows)
+        train = tokenize(lambda: splits()[0], key, name, "train")
+        held_out = (tokenize(lambda: splits()[1], key, name, "held_out") if data.eval_fraction and not data.eval
+                    else (None, None))
+        return (*train, *held_out)
+
+    stats: dict[str, DataStats] = {}
+    mix = weighted_sources(data.train, data.split, data.max_rows)
+    if data.streaming:  # rows tokenized as the iterator reads them: no counts before training
+        train, stats["train"], held_out = open_stream(cfg, tokenizer, stage), DataStats(), None
+    elif mix is None:
+        train, stats["train"], held_out, held_out_stats = source(data.train, data.split, data.max_rows, str(data.train))
+    else:
+        parts = [(s, *source(s.path, s.split, s.max_rows, s.name)) for s in mix]
+        for s, _, st, _, _ in parts:
+            stats[f"train:{s.name}"] = st
+        stats["train"] = sum((st for _, _, st, _, _ in parts), DataStats(from_cache=True))
+        train = Mixture([Part(s.name, store, s.weight, st) for s, store, st, _, _ in parts])
+        held_out = Mixture([Part(s.name, h) for s, _, _, h, _ in parts]) if parts[0][3] is not None else None
+        held_out_stats = sum((hs for *_, hs in parts), DataStats(from_cache=True)) if held_out else None
     eval_examples: Sequence[dict] = []
     if data.eval:
         eval_examples, stats["eval"] = tokenize(lambda: load_rows(data.eval, data.split, data.max_rows),
                                                 rows_fingerprint(data.eval, data.split, data.max_rows), str(data.eval))
-    elif data.eval_fraction:
-        eval_examples, stats["eval"] = tokenize(lambda: splits()[1], train_key, str(data.train), "held_out")
+    elif held_out is not None:
+        eval_examples, stats["eval"] = held_out, held_out_stats
     for split, s in stats.items():
         log.info("%s data: %s", split, s.summary())
     return train, eval_examples, stats

@@ -60,12 +60,37 @@ def load_rows(
     elif paths.isdir(name):
         ds = _load_dir(name, split, cache_dir)
     elif _looks_like_path(name):
-        raise JaxalignError(f"data file {name!r} does not exist")
+        raise JaxalignError(f"data file {name!r} does not exist{paths.offline_hint(name)}")
     else:
         ds = _load_hub(name, split, cache_dir)
     if max_rows > 0 and len(ds) > max_rows:
         ds = ds.select(range(max_rows))
     return ds
+
+
+def data_files(name: str) -> list[str] | None:
+    """The data files a file, glob or dir of data files stands for, in name order (for streaming);
+    None for a hub id. A `save_to_disk` dir is already on disk: it is read without streaming."""
+    if any(c in name for c in "*?["):
+        files = sorted(f for f in paths.glob(name) if paths.isfile(f))
+        if not files:
+            raise JaxalignError(f"data: no files match {name!r}")
+        return files
+    if paths.isfile(name):
+        return [name]
+    if paths.isdir(name):
+        directory = paths.as_path(name)
+        if any((directory / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            raise JaxalignError(f"data dir {name!r} is a save_to_disk dataset, read from disk as it is: "
+                                "set data.streaming: false for it")
+        files = sorted(os.path.join(name, f.name) for f in directory.iterdir()
+                       if f.is_file() and data_kind(f.name)[0] is not None)
+        if not files:
+            raise JaxalignError(f"data dir {name!r} has no .jsonl/.json/.parquet/.csv files")
+        return files
+    if _looks_like_path(name):
+        raise JaxalignError(f"data file {name!r} does not exist{paths.offline_hint(name)}")
+    return None
 
 
 def rows_fingerprint(path_or_name: str | list[str], split: str = "train", max_rows: int = 0) -> str | None:
@@ -116,7 +141,7 @@ def split_train_eval(
 # ----------------------------------------------------------------------------- local files
 
 
-def _data_kind(path: str) -> tuple[str | None, str]:
+def data_kind(path: str) -> tuple[str | None, str]:
     """(builder name or None, compression suffix or '') from the file name."""
     stem, ext = os.path.splitext(path.lower())
     compression = ""
@@ -126,7 +151,7 @@ def _data_kind(path: str) -> tuple[str | None, str]:
 
 
 def _load_file(path: str, cache_dir: str | None) -> datasets.Dataset:
-    builder, compression = _data_kind(path)
+    builder, compression = data_kind(path)
     if builder is None:
         raise JaxalignError(
             f"data file {path!r}: unknown format; use .jsonl, .json, .parquet or .csv (optionally .gz/.bz2/.xz)"
@@ -151,7 +176,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     path = os.fspath(path)
     if not paths.isfile(path):
         raise JaxalignError(f"data file not found: {path}")
-    with _open_binary(path, _data_kind(path)[1]) as f:
+    with _open_binary(path, data_kind(path)[1]) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -221,7 +246,7 @@ def _load_dir(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
         return _tag(ds, path)
     files = sorted(
         os.path.join(path, f.name) for f in directory.iterdir()
-        if f.is_file() and _data_kind(f.name)[0] is not None
+        if f.is_file() and data_kind(f.name)[0] is not None
     )
     if not files:
         raise JaxalignError(
@@ -239,7 +264,7 @@ def _looks_like_path(name: str) -> bool:
     """A hub id is `name` or `owner/name`; anything else that does not exist is a missing file."""
     return (
         name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-        or _data_kind(name)[0] is not None
+        or data_kind(name)[0] is not None
     )
 
 

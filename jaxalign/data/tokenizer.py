@@ -50,7 +50,7 @@ def load_tokenizer(path: str, chat_template: str = "", trust_remote_code: bool =
     path = os.fspath(path)
     expected = "an HF tokenizer directory (tokenizer.json / tokenizer_config.json) or a SentencePiece .model file"
     if not paths.exists(path):
-        raise JaxalignError(f"tokenizer path {path!r} does not exist; expected {expected}")
+        raise JaxalignError(f"tokenizer path {path!r} does not exist{paths.offline_hint(path)}; expected {expected}")
     if paths.isfile(path) and not path.endswith(".model"):
         raise JaxalignError(f"tokenizer path {path!r} is a file but not a SentencePiece .model; expected {expected}")
     # sentencepiece and transformers read local files only: a URL is downloaded, without model weights

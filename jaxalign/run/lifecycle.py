@@ -204,7 +204,7 @@ def examples_fingerprint(*splits) -> str:
     whatever files, cache or settings it came from. A token store's is the hash it was written with."""
     h = hashlib.sha256()
     for examples in splits:
-        h.update(f"split {len(examples)}".encode())
+        h.update(f"split {len(examples) if hasattr(examples, '__len__') else 'stream'}".encode())
         if hasattr(examples, "content_hash"):
             h.update(examples.content_hash.encode())
             continue

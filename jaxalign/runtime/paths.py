@@ -35,6 +35,8 @@ from typing import Union
 import fsspec
 from etils import epath
 
+from jaxalign.errors import JaxalignError
+
 REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")  # the URL schemes etils.epath serves
 
 Path = Union[pathlib.Path, epath.Path]
@@ -56,16 +58,32 @@ def as_path(path: PathLike) -> Path:
 
 def exists(path: PathLike) -> bool:
     """os.path.exists for a local path (so "" does not exist, where pathlib reads it as "."); the
-    store's answer for a URL. Likewise `isfile` and `isdir`."""
-    return as_path(path).exists() if is_remote(path) else os.path.exists(path)
+    store's answer for a URL (an error naming it when the store cannot be reached). Likewise `isfile`
+    and `isdir`."""
+    return _ask(path, "exists") if is_remote(path) else os.path.exists(path)
 
 
 def isfile(path: PathLike) -> bool:
-    return as_path(path).is_file() if is_remote(path) else os.path.isfile(path)
+    return _ask(path, "is_file") if is_remote(path) else os.path.isfile(path)
 
 
 def isdir(path: PathLike) -> bool:
-    return as_path(path).is_dir() if is_remote(path) else os.path.isdir(path)
+    return _ask(path, "is_dir") if is_remote(path) else os.path.isdir(path)
+
+
+def _ask(url: PathLike, question: str) -> bool:
+    try:
+        return getattr(as_path(url), question)()
+    except Exception as e:  # fsspec back ends raise their own types (httpx, google.auth, botocore, ...)
+        raise JaxalignError(f"{os.fspath(url)} cannot be reached ({type(e).__name__}: {e}); without network "
+                            "access, point the config at a local copy") from e
+
+
+def offline_hint(path: PathLike) -> str:
+    """What to add to "PATH does not exist" for a hub URL read with HF_HUB_OFFLINE set ('' otherwise)."""
+    if os.fspath(path).startswith("hf://") and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return " (HF_HUB_OFFLINE is set, so the hub is not read: point the config at a local copy)"
+    return ""
 
 
 def absolute(path: PathLike) -> Path:
