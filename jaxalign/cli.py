@@ -77,6 +77,10 @@ def _data(args: argparse.Namespace) -> int:
     from jaxalign.run.build import run_tokenizer
 
     cfg = load_stage_config(args.config, args.set, args.stage)
+    if cfg.data.streaming:  # a stream has no counts ahead: inspect its rows as a token store holds them
+        print("data.streaming: inspecting the rows as a token store (written to data.cache_dir) holds them; "
+              "training streams them and packs greedily in stream order")
+        cfg = load_stage_config(args.config, [*args.set, "data.streaming=false"], args.stage)
     tokenizer = run_tokenizer(cfg)
     train_examples, _, stats = load_examples(cfg, tokenizer)
     print(inspect_data(train_examples, flat_counts(stats["train"]), tokenizer, cfg.stage, cfg.data))

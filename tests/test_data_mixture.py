@@ -61,6 +61,18 @@ def test_an_epoch_draws_each_source_by_weight_anew_each_epoch(mixture):
     assert orders[0].tolist() == mixture.epoch_order(np.random.default_rng([3, 0]), True).tolist()
     in_order = mixture.epoch_order(np.random.default_rng(0), False)  # unshuffled: each source cycled in order
     assert in_order.tolist() == [*range(39), *np.resize(np.arange(50, 57), 23), *range(57, 72)]
+    # ... each epoch going on where the last stopped: a down-weighted source reaches its later rows
+    second = mixture.epoch_order(np.random.default_rng(0), False, epoch=1)
+    assert second[:39].tolist() == [*range(39, 50), *range(28)] and second[-15:].tolist() == [*range(72, 77), *range(57, 67)]
+
+
+def test_one_pass_scores_each_example_once_for_the_precomputed_reference(mixture):
+    """The eval iterator (a precomputed DPO reference is scored through it) visits the mixture's examples
+    once each, in order, not the weighted draw: the scores then belong to the examples they are set on."""
+    it = BatchIterator(mixture, "sft", batch_size=4, max_length=16, packing=False, shuffle=False, epochs=1,
+                       drop_remainder=False)
+    firsts = [(int(r[0]), int(r[1])) for b in it for r, m in zip(b["tokens"], b["segment_ids"]) if m[0]]
+    assert firsts == [(int(mixture[i]["input_ids"][0]), int(mixture[i]["input_ids"][1])) for i in range(len(mixture))]
 
 
 def test_the_iterator_trains_on_the_mixture_and_resumes_it_exactly(mixture):

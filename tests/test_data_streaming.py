@@ -141,3 +141,16 @@ def test_a_preempted_streaming_run_resumes_to_the_uninterrupted_losses(shared_da
 def test_what_a_stream_cannot_do_is_a_config_error(sets, message):
     with pytest.raises(JaxalignError, match=message):
         load_config(None, ["data.streaming=true", "train.max_steps=10", "data.train=a.jsonl", *sets])
+
+
+def test_data_inspect_on_a_streaming_config_reports_the_rows_as_stored(shared_data, tmp_path, capsys):
+    from jaxalign import cli
+
+    sets = [f"output_dir={tmp_path / 'run'}", f"data.train={shared_data / HH}", "data.max_rows=48",
+            "data.format=preference", "data.sft_from_preference=true", "data.streaming=true", "train.max_steps=5",
+            f"tokenizer.path={shared_data / 'llama2-tokenizer.model'}", "tokenizer.chat_template=plain"]
+    config = tmp_path / "c.yaml"
+    config.write_text("stage: sft\n")
+    assert cli.main(["data", "inspect", "--config", str(config), *[a for s in sets for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("data.streaming: inspecting the rows as a token store") and "examples: 48" in out

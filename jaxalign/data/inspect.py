@@ -118,7 +118,7 @@ def _stats_lines(stats: Any, total: int) -> list[str]:
 def _epoch_order(examples: Sequence[Mapping]) -> np.ndarray:
     """The examples of an epoch: a weighted mixture's draw (epoch 0, seed 0), else each example once."""
     if getattr(examples, "weighted", False):
-        return examples.epoch_order(np.random.default_rng([0, 0]), True)
+        return examples.epoch_order(np.random.default_rng([0, 0]), True, 0)
     return np.arange(len(examples))
 
 

@@ -146,8 +146,10 @@ class BatchIterator:
     def _units(self, epoch: int) -> list:
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.examples)
-        if getattr(self.examples, "weighted", False):  # a weighted mixture draws each epoch (data/mixture.py)
-            order = self.examples.epoch_order(rng, self.shuffle)
+        # A weighted mixture draws each training epoch (data/mixture.py); one pass (eval, scoring the
+        # reference) visits every example once.
+        if getattr(self.examples, "weighted", False) and self.epochs is None:
+            order = self.examples.epoch_order(rng, self.shuffle, epoch)
         else:
             order = rng.permutation(n) if self.shuffle else np.arange(n)
         if not self.packing:

@@ -16,7 +16,7 @@ but drawn as exact counts rather than per-example coin flips:
 * c_i <= n_i: a seeded subset without replacement; c_i > n_i: whole passes over the source (each its
   own shuffle), then a subset. A new draw each epoch, from (train.seed, epoch) alone, so every process
   computes the same epoch and a resumed run the same batches. Without data.shuffle a source is
-  cycled in file order.
+  cycled in file order, each epoch going on where the last one stopped.
 
 The held-out part of a mixture (data.eval_fraction of each source) is the sources' held-out rows end
 to end, unweighted: `Mixture(parts)` with no weights is a plain concatenation.
@@ -113,16 +113,17 @@ class Mixture(Sequence):
         k = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self.parts[k].examples[i - int(self.starts[k])]
 
-    def epoch_order(self, rng: np.random.Generator, shuffle: bool) -> np.ndarray:
+    def epoch_order(self, rng: np.random.Generator, shuffle: bool, epoch: int = 0) -> np.ndarray:
         """Indices of an epoch's examples: `counts[k]` drawn from part k as the module doc says,
-        shuffled together (or, unshuffled, part after part)."""
+        shuffled together (or, unshuffled, part after part, each cycled on from where the last epoch
+        stopped, so a down-weighted source reaches its later rows)."""
         picks = []
         for k, c in enumerate(self.counts):
-            n = int(self.starts[k + 1] - self.starts[k])
+            n, c = int(self.starts[k + 1] - self.starts[k]), int(c)
             if shuffle:
-                local = np.concatenate([rng.permutation(n) for _ in range(-(-int(c) // n))] or [np.zeros(0, np.int64)])[:c]
+                local = np.concatenate([rng.permutation(n) for _ in range(-(-c // n))] or [np.zeros(0, np.int64)])[:c]
             else:
-                local = np.resize(np.arange(n), int(c))
+                local = (epoch * c + np.arange(c)) % n
             picks.append(self.starts[k] + local)
         order = np.concatenate(picks).astype(np.int64)
         return rng.permutation(order) if shuffle else order

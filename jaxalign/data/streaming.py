@@ -2,8 +2,8 @@
 never written to a token store. For data larger than the disk cache, or a hub dataset read without
 downloading it whole.
 
-    each epoch  the source's files in a seeded order (in file order when data.max_rows is set;
-                a hub dataset in its own order), each read row by row
+    each epoch  the source's files in a seeded order (in file order when data.max_rows is set or
+                data.shuffle is off; a hub dataset in its own order), each read row by row
              -> a shuffle buffer of data.shuffle_buffer rows, seeded by (train.seed, epoch)
              -> normalize + tokenize each row by the token store's rules (jaxalign.data.tokenize)
              -> SFT packed: examples laid into rows of data.max_length in stream order (a row
@@ -56,7 +56,7 @@ class Stream:
     path: Any  # data.train: a file, glob, dir, hub id, or a list of them
     split: str
     max_rows: int
-    job: _Job  # the tokenize stage's per-row rules (its ds unused; fmt "" until the first row is read)
+    job: _Job  # the tokenize stage's per-row rules (its ds unused; fmt "" until the iterator reads a row)
     fmt_spec: str  # data.format: with the first row's columns, it decides the format
     from_pref: bool  # data.sft_from_preference
 
@@ -70,7 +70,7 @@ class Stream:
                 dataclasses.astuple(j.settings), j.on_bad_row]
         return hashlib.sha256(json.dumps(desc, default=str).encode()).hexdigest()[:16]
 
-    def epoch_rows(self, rng: np.random.Generator) -> Iterator[dict]:
+    def epoch_rows(self, rng: np.random.Generator, shuffle: bool = True) -> Iterator[dict]:
         """One pass over the rows, each with `_source` and `_row` (as `sources.load_rows` gives them)."""
         for name in self.path if isinstance(self.path, (list, tuple)) else [self.path]:
             files = data_files(os.path.expanduser(os.fspath(name)))
@@ -78,7 +78,7 @@ class Stream:
                 ds = datasets.load_dataset(name, split=self.split, streaming=True)
                 rows = ({**row, "_source": f"{name}[{self.split}]", "_row": k} for k, row in enumerate(ds, 1))
             else:
-                order = files if self.max_rows else [files[k] for k in rng.permutation(len(files))]
+                order = [files[k] for k in rng.permutation(len(files))] if shuffle and not self.max_rows else files
                 rows = itertools.chain.from_iterable(map(_file_rows, order))
             yield from itertools.islice(rows, self.max_rows or None)
 
@@ -127,7 +127,13 @@ class StreamIterator:
         self.global_rows = 2 * batch_size if self.paired else batch_size
         self.local_rows = host_rows(mesh, self.global_rows) if mesh is not None else np.arange(self.global_rows)
         self.stats = DataStats()  # the rows this process has tokenized (a resume's replay not counted)
-        self.job = stream.job
+        # The stream's first row decides the format, as a dataset's columns do (on a resume too).
+        first = next(iter(stream.epoch_rows(np.random.default_rng([seed, 0]), False)), None)
+        if first is None:
+            raise JaxalignError(f"data.train {stream.path!r} has no rows")
+        columns = [c for c in first if c not in BOOKKEEPING]
+        self.job = dataclasses.replace(stream.job, fmt=resolve_format(columns, stream.fmt_spec, stream.job.stage,
+                                                                      stream.from_pref), margins="margin" in columns)
         self.restore_position(0, 0)
 
     def restore_position(self, epoch: int, position: int) -> None:
@@ -139,7 +145,7 @@ class StreamIterator:
         """(epoch, row index, example) from (epoch, start) on, and (epoch, -1, None) at each epoch's end."""
         while True:
             rng = np.random.default_rng([self.seed, epoch])
-            rows = self.stream.epoch_rows(rng)
+            rows = self.stream.epoch_rows(rng, self.shuffle)
             if self.shuffle:
                 rows = shuffled(rows, self.shuffle_buffer, rng)
             kept = 0
@@ -157,10 +163,6 @@ class StreamIterator:
             epoch, start = epoch + 1, 0
 
     def _tokenize(self, row: Mapping[str, Any], index: int) -> dict | None:
-        if not self.job.fmt:  # the first row decides the format, as a dataset's columns do
-            columns = [c for c in row if c not in BOOKKEEPING]
-            fmt = resolve_format(columns, self.stream.fmt_spec, self.job.stage, self.stream.from_pref)
-            self.job = dataclasses.replace(self.job, fmt=fmt, margins="margin" in columns)
         example, flags = self.job.row(dict(row), index)
         self.stats.rows_in += 1
         if example is None:
