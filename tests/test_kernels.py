@@ -35,10 +35,11 @@ def test_blocked_causal_attention_equals_plain(length, window):
         return jnp.sum(jnp.where(real[..., None, None], fn(q, k, v, mask), 0.0) ** 2)
 
     blocked = lambda q, k, v, m: xla_attention(q, k, v, m, causal=True)  # noqa: E731
-    np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask))[real], np.asarray(plain_attention(q, k, v, mask))[real],
-                               atol=2e-6)
-    got = jax.grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *a: loss(plain_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    # jitted: op by op, the blocked loop dispatches (and compiles) hundreds of small programs
+    np.testing.assert_allclose(np.asarray(jax.jit(blocked)(q, k, v, mask))[real],
+                               np.asarray(jax.jit(plain_attention)(q, k, v, mask))[real], atol=2e-6)
+    got = jax.jit(jax.grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(lambda *a: loss(plain_attention, *a), argnums=(0, 1, 2)))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=2e-5)
 

@@ -114,14 +114,14 @@ def failed_gate(small_demo) -> dict:
     result = {"proc": proc, "seconds": time.perf_counter() - start,
               "gate": json.loads((root / "gate.json").read_text()) if (root / "gate.json").is_file() else None,
               "listing": sorted(p.name for p in root.iterdir()), "root_state": lifecycle.state_of(root)}
-    # The same failure in this process: the recorded skill is reused, nothing is measured again.
+    # The same failure in this process (the CLI's exit code and message are the subprocess's above): the
+    # recorded skill is reused, nothing is measured again.
     start = time.perf_counter()
     try:
         run_pipeline(load_config(DEMO_CONFIG, sets))
         result["raised"] = None
     except SFTGateError as e:
         result["raised"] = e
-    result["cli"] = _cli(_argv(sets))
     result["in_process_seconds"] = time.perf_counter() - start
     return result
 
@@ -173,9 +173,7 @@ def test_gate_fails_below_min_sft_skill(small_demo, failed_gate):
     message = str(error)
     assert f"held-out skill {gate['sft_skill']:.1%} is below eval.min_sft_skill={STRICT_GATE:.1%}" in message
     assert str(root / "sft") in message and str(root / "gate.json") in message
-    code, _, err = failed_gate["cli"]
-    assert code == 2 and "SFT gate: held-out skill" in err
-    # The re-runs measured nothing: SFT skipped, the recorded skill reused.
+    # The re-run measured nothing: SFT skipped, the recorded skill reused.
     assert failed_gate["in_process_seconds"] < 60
 
 
@@ -437,16 +435,16 @@ def test_reward_model_data_must_not_hold_the_held_out_pairs(small_demo):
 
 # A shorter pipeline for the fault tests, on batches of 8: every re-run pays the start-up again (~8 s here).
 SHORT_SFT, SHORT_DPO = 40, 20
-# The suite kills once at four kinds of kill point, one per part of the chain (an SFT checkpoint being
-# written, the gate's verdict just written, DPO's best.json, the export half-written), and sends a SIGTERM
-# once in SFT and once in DPO; the campaign (JAXALIGN_KILL_CAMPAIGN=N, e.g. 20) interrupts N times at the
-# first new point of any kind, or one time in three after a random delay, as `benchmarks/RESULTS.md`
-# records it: slow end-to-end work, kept out of `make test`.
+# The suite kills once at two kinds of kill point, one per stage (an SFT checkpoint being written, DPO's
+# best.json just naming a step: past the gate, before the report and the export), and sends a SIGTERM
+# once in SFT and once in DPO; the campaign (JAXALIGN_KILL_CAMPAIGN=N, e.g. 20) interrupts N times at
+# the first new point of any kind (gate.json just written, a half-written base/, report/ or export/,
+# ...), or one time in three after a random delay, as
+# `benchmarks/RESULTS.md` records it: slow end-to-end work, kept out of `make test`.
 CAMPAIGN = int(os.environ.get("JAXALIGN_KILL_CAMPAIGN", "0"))
-SUITE_KINDS = ("sft checkpoint being written", "gate.json written", "dpo best.json naming step",
-               "export half-written")
+SUITE_KINDS = ("sft checkpoint being written", "dpo best.json naming step")
 KILLS = CAMPAIGN or len(SUITE_KINDS)
-INTERRUPTIONS = CAMPAIGN or KILLS + 2  # the suite: 4 kills and 2 SIGTERMs
+INTERRUPTIONS = CAMPAIGN or KILLS + 2  # the suite: 2 kills and 2 SIGTERMs
 SHORT = [f"sft.overrides.train.max_steps={SHORT_SFT}", f"dpo.overrides.train.max_steps={SHORT_DPO}",
          "train.eval_every=20", "train.log_every=5", "checkpoint.every_steps=20", "checkpoint.keep=2",
          "eval.min_sft_skill=0", "eval.num_generations=16", "eval.kl_samples=0", "train.batch_size=8",
@@ -519,7 +517,7 @@ def _kill_points(root: pathlib.Path, preempt_at: dict[str, int]) -> set[str]:
 @pytest.fixture(scope="module")
 def killed_run(small_demo, short_reference) -> dict:
     """The shorter pipeline interrupted again and again, re-run after each, then run to the end: kill -9 at
-    four kinds of kill point (SUITE_KINDS), and a SIGTERM (a preemption) at a random logged step of SFT and
+    two kinds of kill point (SUITE_KINDS), and a SIGTERM (a preemption) at a random logged step of SFT and
     of DPO. In the suite each interruption comes at the first new point of a suite kind not hit yet; in a campaign at the first
     new point or, one time in three, a kill -9 after a random 1-10 s (start-up, data, compilation,
     evaluation: wherever that lands)."""
@@ -580,7 +578,7 @@ def test_kill_minus_9_and_sigterm_anywhere_always_end_finished_and_equal(killed_
     assert len(run["kills"]) >= KILLS // 2, run["kills"]  # the chain has more kill points than that
     if not CAMPAIGN:  # one kill in each kind of point, on through DPO (a short window may pass unseen)
         assert len({_kind(w) for w in run["kills"]}) == len(run["kills"]), run["kills"]
-        assert {"dpo best.json naming step", "export half-written"} & {_kind(w) for w in run["kills"]}, run["kills"]
+        assert {_kind(w) for w in run["kills"]} == set(SUITE_KINDS), run["kills"]
         states = {stage: s for stage, s, _ in run["preempted"]}
         assert states == {"sft": ("preempted", None, False), "dpo": ("finished", "preempted", True)}, run["preempted"]
         after_dpo = next(k for stage, _, k in run["preempted"] if stage == "dpo") + 1
