@@ -36,9 +36,10 @@ lint: $(VENV)/.installed
 
 # The suite's environment (8 virtual CPU devices, XLA's thread pools, one compilation cache) is set
 # in tests/conftest.py, so a bare `pytest` runs the same way. Two workers, one test file each at a
-# time (module fixtures are built once): the subprocess-heavy pipeline file runs beside the rest.
+# time (module fixtures are built once), the longest files first (tests/conftest.py orders them;
+# --no-loadscope-reorder keeps xdist from putting the files with the most tests first instead).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 # The training-step benchmarks (benchmarks/run.py --help): jaxalign SFT and DPO steps beside PyTorch's,
 # MFU against the matmul peak measured in the same run, compile time vs depth, data loading; ~15 min on

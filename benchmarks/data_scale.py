@@ -15,6 +15,8 @@
    data side of the first training step).
 4. Host memory while iterating: anonymous RSS (RssAnon: not the memory-mapped store pages the
    kernel may drop) after 20 and after 400 batches of 16 rows of 2048 tokens.
+5. With --stream BATCHES: data.streaming over the same rows (read, tokenized and packed as they come,
+   in the one training process): rows/s and RssAnon after 20 and after BATCHES batches.
 
 Needs ../shared/data/llama2-tokenizer.model; prints one JSON line per measurement, then a summary.
 """
@@ -117,6 +119,27 @@ def _jaxalign_iterate(data: str, cache: str) -> dict:
     return out
 
 
+def _jaxalign_stream(data: str, batches: int) -> dict:
+    """data.streaming: rows read, tokenized and packed as they come (one process), `batches` batches."""
+    from jaxalign.config import load_config
+    from jaxalign.data.iterator import make_iterator
+    from jaxalign.data.pipeline import load_examples
+    from jaxalign.data.tokenizer import load_tokenizer
+
+    cfg = load_config(None, [f"data.train={data}", "data.streaming=true", "train.max_steps=1",
+                             f"data.max_length={MAX_LENGTH}", f"data.max_prompt_length={MAX_LENGTH - 1}",
+                             "train.batch_size=16"])
+    t = time.perf_counter()
+    stream, _, _ = load_examples(cfg, load_tokenizer(str(TOKENIZER), "llama2"), stage="sft")
+    it = make_iterator(stream, cfg)
+    out = {}
+    for step in range(1, batches + 1):
+        next(it)
+        if step in (20, batches):
+            out[f"rss_anon_mb_after_{step}"] = _rss_anon_mb()
+    return out | {"seconds": time.perf_counter() - t, "rows": it.stats.rows_in, "batches": batches}
+
+
 LLAMA2_GENERATION_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
     "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
@@ -199,12 +222,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--trl", action="store_true", help="also measure TRL's SFTTrainer preparation")
     p.add_argument("--trl-only", action="store_true", help="measure TRL's preparation alone")
+    p.add_argument("--stream", type=int, default=0, metavar="BATCHES",
+                   help="also measure data.streaming over this many batches of 16 x 2048 (one process)")
     p.add_argument("--out", default=str(ROOT / "runs" / "data_scale"))
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         mode, *rest = args.child
-        fn = {"jaxalign": _jaxalign_prepare, "iterate": _jaxalign_iterate, "trl": _trl_prepare}[mode]
+        fn = {"jaxalign": _jaxalign_prepare, "iterate": _jaxalign_iterate, "trl": _trl_prepare,
+              "stream": _jaxalign_stream}[mode]
         print(json.dumps(fn(*[int(a) if a.isdigit() else a for a in rest])))
         return
     out = pathlib.Path(args.out)
@@ -245,6 +271,11 @@ def main() -> None:
     it = results["iterate"]
     print(f"iterating: RssAnon {it['rss_anon_mb_after_20']:,.0f} MB after 20 batches, "
           f"{it['rss_anon_mb_after_400']:,.0f} MB after 400")
+    if args.stream:
+        st = _measure("stream", str(data), str(args.stream))
+        print(f"streaming (one process): {st['rows_per_s']:,.0f} rows/s over {args.stream} batches, RssAnon "
+              f"{st['rss_anon_mb_after_20']:,.0f} MB after 20 batches, {st[f'rss_anon_mb_after_{args.stream}']:,.0f} MB "
+              f"after {args.stream}, peak PSS {st['peak_pss_mb']:,.0f} MB")
 
 
 if __name__ == "__main__":

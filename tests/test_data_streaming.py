@@ -112,24 +112,27 @@ def test_a_restored_position_goes_on_with_the_same_batches(shared_data, tmp_path
     assert isinstance(it, StreamIterator) and it.stats.rows_in >= 48
 
 
-def test_a_preempted_streaming_run_resumes_to_the_uninterrupted_losses(shared_data, tmp_path):
+def test_a_preempted_streaming_run_resumes_at_the_next_batch(shared_data, tmp_path):
+    """A streaming run preempted after step 2 checkpoints its stream position; the resumed run's iterator
+    draws exactly the third batch a fresh stream draws (what a step-for-step equal resume needs: the
+    loop's resume from a checkpointed position, step for step, is test_reliability.py's)."""
     from jaxalign.run.loop import Trainer
 
-    def run(name, stop=None):
-        cfg = hh_sft_config(shared_data, tmp_path / name, tmp_path / "cache",
-                            data={"max_rows": 64, "max_length": 128, "max_prompt_length": 64, "streaming": True,
-                                  "shuffle_buffer": 8, "eval_fraction": 0.0},
-                            train={"batch_size": 8, "max_steps": 6, "eval_every": 0, "log_every": 1},
-                            optimizer={"lr": 3e-3, "warmup_steps": 1}, checkpoint={"every_steps": 3, "keep": 2})
-        config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
-        if stop:
-            assert train_until(Trainer(config), stop)["state"] == "preempted"
-        Trainer(config, resume=bool(stop)).train()
-        return {step: r["loss"] for step, r in read_metrics(tmp_path / name)[0].items()}
-
-    whole, resumed = run("whole"), run("resumed", stop=3)
-    assert sorted(whole) == sorted(resumed) == list(range(1, 7))
-    assert resumed == whole
+    cfg = hh_sft_config(shared_data, tmp_path / "run", tmp_path / "cache",
+                        data={"max_rows": 64, "max_length": 128, "max_prompt_length": 64, "streaming": True,
+                              "shuffle_buffer": 8, "eval_fraction": 0.0},
+                        train={"batch_size": 8, "max_steps": 4, "eval_every": 0, "log_every": 1},
+                        optimizer={"lr": 3e-3, "warmup_steps": 1}, checkpoint={"every_steps": 0, "keep": 2})
+    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
+    summary = train_until(Trainer(config), 2)
+    assert summary["state"] == "preempted" and summary["stopped_at"] == 2
+    assert sorted(read_metrics(tmp_path / "run")[0]) == [1, 2]
+    resumed = Trainer(config, resume=True)
+    assert int(resumed.state.step) == 2 and resumed.train_iter.state()["position"] > 0
+    fresh = make_iterator(resumed.train_examples, config)
+    want = [next(fresh) for _ in range(3)][-1]
+    got = next(resumed.train_iter)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("sets,message", [

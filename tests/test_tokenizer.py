@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from jaxalign.data.chat_templates import BUILTIN_TEMPLATES, render_conversation
+from jaxalign.data.builtin_render import render_builtin
+from jaxalign.data.chat_templates import BUILTIN_TEMPLATES, render_conversation, render_conversation_by_prefixes
 from jaxalign.data.hf_tokenizer import HFTokenizer
 from jaxalign.data.sentencepiece_tokenizer import SentencePieceTokenizer
 from jaxalign.data.tokenizer import char_spans_to_token_mask, load_tokenizer
@@ -215,6 +216,43 @@ def test_render_conversation_spans_cover_assistant_turns(name, model_file, hf_di
         # asserted for the toy byte-level BPE: its GPT-2 regex splits "\n\n" + "fine" differently.)
         prompt = tok.apply_chat_template(CONVERSATION[:4], add_generation_prompt=True)
         assert ids[: len(tok.encode(prompt))] == tok.encode(prompt)
+
+
+def edge_conversations(seed=0, n=300):
+    """Conversations with the edges templates treat apart: whitespace and empty contents, a system
+    message or not (or two), an assistant first, two turns in a row, an unknown role."""
+    import random
+
+    rng = random.Random(seed)
+    texts = ["", " ", "hi", " hi ", "\nline\n", "a  b\t", " 🤖 naïve ", "x" * 50, "</s> [INST]"]
+    out = []
+    for _ in range(n):
+        roles = [rng.choice(["user", "assistant", "system", "user", "assistant"]) for _ in range(rng.randint(1, 6))]
+        if rng.random() < 0.05:
+            roles.insert(rng.randrange(len(roles) + 1), "tool")
+        out.append([{"role": r, "content": rng.choice(texts)} for r in roles])
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+def test_one_pass_builtin_render_equals_the_prefix_renders(name, model_file, hf_dir):
+    """The one-pass renderer gives the Jinja prefix renders' text and spans, or declines (None) exactly
+    where the template raises or is not prefix-stable, so the Jinja path decides there."""
+    tok = load_tokenizer(model_file if name in ("llama2", "plain") else hf_dir, chat_template=name)
+    tokens = tok.template_variables()
+    compared = declined = 0
+    for messages in edge_conversations():
+        fast = render_builtin(name, messages, tokens["bos_token"], tokens["eos_token"])
+        try:
+            slow = render_conversation_by_prefixes(tok, messages)
+        except JaxalignError:
+            assert fast is None, messages
+            declined += 1
+            continue
+        assert fast is not None and fast == slow, messages
+        assert render_conversation(tok, messages) == slow
+        compared += 1
+    assert compared > 100 and (declined > 0) == (name in ("llama2", "plain")), (compared, declined)
 
 
 def test_default_template_falls_back_to_plain(llama):

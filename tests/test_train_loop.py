@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
-from run_faults import sigkill_past_checkpoint
 from tiny_runs import TINY_LLAMA, hh_sft_config, read_metrics, train_until
 
 from jaxalign import cli
@@ -137,34 +136,9 @@ def test_retention_keeps_best_apart_from_latest_and_ties_go_to_the_later_step(tm
 
 # --- resume -----------------------------------------------------------------------------------------
 
-def test_resume_after_sigkill_matches_uninterrupted_run(base, sft_run):
-    """`jaxalign train` in a subprocess, SIGKILLed once its step-10 checkpoint is complete; a resumed
-    Trainer then logs, step for step, the same losses as the uninterrupted run (bitwise)."""
-    root, cfg = base
-    run_ref, _ = sft_run
-    cfg = {**cfg, "output_dir": str(root / "killed")}
-    path, config = write_config(root, "killed", cfg)
-    run = pathlib.Path(cfg["output_dir"])
-    # Killed a few steps past a complete checkpoint: those steps are lost and must be redone.
-    killed_at = sigkill_past_checkpoint(path, run, step=10, logged=12)
-    assert 12 <= killed_at < SFT_STEPS, "the run finished before it was killed"
-
-    with pytest.raises(JaxalignError, match="already holds a run"):
-        Trainer(config)  # neither --resume nor --overwrite
-    trainer = Trainer(config, resume=True)
-    resumed_from = int(trainer.state.step)
-    assert 10 <= resumed_from < killed_at  # steps after the checkpoint were lost and are redone
-    trainer.train()
-
-    ref, _ = read_metrics(run_ref)
-    got, evals = read_metrics(run)  # one record per step: the steps after the checkpoint are not doubled
-    assert sorted(got) == list(range(1, SFT_STEPS + 1))
-    for step in range(1, SFT_STEPS + 1):
-        assert got[step]["loss"] == ref[step]["loss"], (step, resumed_from, got[step]["loss"], ref[step]["loss"])
-        assert got[step]["grad_norm"] == ref[step]["grad_norm"], step
-    ref_evals = read_metrics(run_ref)[1]
-    assert [r["eval/loss"] for r in evals] == [r["eval/loss"] for r in ref_evals]
-    assert not [p for p in (run / "checkpoints").iterdir() if "tmp" in p.name]
+# kill -9 past a complete checkpoint, then a resume equal to the uninterrupted run step for step: in
+# test_qlora_train.py (the same loop over a quantised base) and test_reliability.py (killed during an
+# async save); the whole chain, in test_pipeline.py's kill chain.
 
 
 def test_checkpoint_restores_onto_another_mesh(base, sft_run, tmp_path):

@@ -32,6 +32,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from jaxalign.data.builtin_render import render_builtin
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime import paths
 
@@ -241,8 +242,23 @@ def render_conversation(
     A span covers what the template emits for the assistant turn after the generation prompt:
     the reply and its end-of-turn marker (" </s>", "<|eot_id|>", "<|im_end|>"), without the
     whitespace the template adds after the marker. It is found by rendering prefixes of the
-    conversation, not by searching for tags, so it works for any prefix-stable template.
+    conversation, not by searching for tags, so it works for any prefix-stable template (the
+    built-ins: in one pass, `jaxalign.data.builtin_render`, to the same result).
     """
+    name = getattr(tokenizer, "chat_template_name", "chat template")
+    if (name in BUILTIN_TEMPLATES and getattr(tokenizer, "chat_template", None) == BUILTIN_TEMPLATES[name]
+            and hasattr(tokenizer, "template_variables")):
+        tokens = tokenizer.template_variables()  # a built-in, unmodified: one pass (builtin_render.py)
+        fast = render_builtin(name, messages, tokens.get("bos_token"), tokens.get("eos_token"))
+        if fast is not None:
+            return fast
+    return render_conversation_by_prefixes(tokenizer, messages)
+
+
+def render_conversation_by_prefixes(
+    tokenizer: _TemplateTokenizer, messages: Sequence[Message]
+) -> tuple[str, list[tuple[int, int]]]:
+    """`render_conversation` through the template itself: each assistant span from prefix renders."""
     name = getattr(tokenizer, "chat_template_name", "chat template")
     full = tokenizer.apply_chat_template(messages)
     spans = []
