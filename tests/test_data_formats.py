@@ -483,7 +483,7 @@ def test_split_train_eval_is_deterministic_and_disjoint():
 def test_second_run_reads_the_cache_without_tokenizing(model_file, tmp_path):
     tok = load_tokenizer(model_file, "plain")
     calls = {"n": 0}
-    for name in ("encode", "encode_with_offsets"):
+    for name in ("encode", "encode_with_offsets", "encode_with_offset_array"):
         method = getattr(tok, name)
         setattr(tok, name, lambda *a, _m=method, **k: (calls.__setitem__("n", calls["n"] + 1), _m(*a, **k))[1])
     ds = datasets.Dataset.from_list([{"messages": [U("hi"), A("hello")]}, {"messages": [U("bye"), A("ciao")]}])

@@ -165,7 +165,9 @@ def _conversation_ids(example: Conversation, tok: Tokenizer) -> tuple[list[int],
         raise BadRow("template_error", str(e)) from None
     replies = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
     trained = [span for i, span in zip(replies, spans) if i >= example.train_from]
-    ids, offsets = tok.encode_with_offsets(text)
+    # the offsets as one array where the tokenizer gives one (SentencePiece): no per-token tuples
+    ids, offsets = (tok.encode_with_offset_array(text) if hasattr(tok, "encode_with_offset_array")
+                    else tok.encode_with_offsets(text))
     mask = char_spans_to_token_mask(offsets, trained)
     # A template that ends the last reply with no end-of-turn token: append EOS so the model learns to stop.
     if example.messages[-1]["role"] == "assistant" and any(mask):

@@ -92,19 +92,25 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], Offsets]:
+        ids, offsets = self.encode_with_offset_array(text)
+        return ids, [tuple(o) for o in offsets.tolist()]
+
+    def encode_with_offset_array(self, text: str) -> tuple[list[int], np.ndarray]:
+        """`encode_with_offsets` with the offsets as one int64 [n, 2] array (what masks are built from)."""
         ids: list[int] = []
-        offsets: Offsets = []
+        parts: list[np.ndarray] = []
         for start, end, special in self._segments(text):
             if special is not None:
                 ids.append(special)
-                offsets.append((start, end))
+                parts.append(np.array([[start, end]], np.int64))
                 continue
-            seg_ids, seg_offsets = self._encode_segment_with_offsets(text[start:end])
+            seg_ids, seg_offsets = self._encode_segment_with_offsets(text[start:end], as_array=True)
             ids.extend(seg_ids)
-            offsets.extend((start + s, start + e) for s, e in seg_offsets)
-        return ids, offsets
+            parts.append(seg_offsets + start)
+        return ids, np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
 
-    def _encode_segment_with_offsets(self, segment: str) -> tuple[list[int], Offsets]:
+    def _encode_segment_with_offsets(self, segment: str, as_array: bool = False):
+        """(ids, offsets) of one segment without special tokens: a list of (start, end), or an array."""
         if self._piece_chars is not None and segment.isascii():
             # Identity normalization and one byte per character: each piece covers as many characters as
             # it has (a byte piece one), after the dummy prefix; twice as fast as reading the proto.
@@ -113,7 +119,9 @@ class SentencePieceTokenizer(Tokenizer):
             ends = np.cumsum(chars)
             if (chars >= 0).all() and (not ids or ends[-1] == len(segment) + self._dummy_prefix):
                 d = self._dummy_prefix
-                return ids, list(zip(np.maximum(ends - chars - d, 0).tolist(), np.maximum(ends - d, 0).tolist()))
+                offsets = np.stack([np.maximum(ends - chars - d, 0), np.maximum(ends - d, 0)], axis=1)
+                return ids, offsets.reshape(-1, 2).astype(np.int64) if as_array else [
+                    tuple(o) for o in offsets.tolist()]
         proto = self.sp.encode_as_proto(segment)
         ids = [p.id for p in proto.pieces]
         # sentencepiece reports UTF-8 byte offsets; map them to character offsets.
@@ -126,7 +134,7 @@ class SentencePieceTokenizer(Tokenizer):
             s, e = offsets[k]
             if s == e and self.sp.is_byte(ids[k]) and self.sp.is_byte(ids[k + 1]) and offsets[k + 1][0] == s:
                 offsets[k] = offsets[k + 1]
-        return ids, offsets
+        return ids, np.asarray(offsets, np.int64).reshape(-1, 2) if as_array else offsets
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # sentencepiece drops control ids when decoding, so decode runs of ordinary ids and
