@@ -156,3 +156,15 @@ def test_a_bad_source_entry_names_the_entry_and_the_key(entry, message):
         load_config(None, ["data.train=[a.jsonl, {path: b.jsonl, weight: 1}]"])
     cfg = load_config(None, ["data.train=[{path: a.jsonl, weight: 1e-1}]", "data.split=test"])
     assert list(cfg.data.train) == [{"path": "a.jsonl", "weight": 0.1}] and default_config().data.train == ""
+
+
+def test_planned_epochs_of_a_packed_mixture_count_each_epochs_own_draw(mixture):
+    """Each epoch packs another draw into its own number of rows: `train.epochs` plans the steps epoch by
+    epoch, so training ends where the last planned epoch does."""
+    it = BatchIterator(mixture, "sft", batch_size=2, max_length=12, seed=0)  # training: endless, drawn
+    planned = it.steps_in_epochs(4)
+    per_epoch = [0] * 5
+    while it.epoch < 4 or it.step == 0:
+        next(it)
+        per_epoch[it.epoch] += 1
+    assert planned == sum(per_epoch[:4]) and len(set(per_epoch[:4])) > 1, per_epoch

@@ -172,6 +172,13 @@ class BatchIterator:
         """Batches in the current epoch (packed SFT may differ by a row's worth between epochs)."""
         return len(self._plan(self.epoch))
 
+    def steps_in_epochs(self, epochs: int) -> int:
+        """Batches in the first `epochs` epochs. Packed epochs of a weighted mixture (a new draw each
+        epoch) are planned one by one; otherwise every epoch has epoch 0's count."""
+        if not (self.packing and getattr(self.examples, "weighted", False)):
+            return epochs * len(self._plan(0))
+        return sum(len(self._plan(e)) for e in range(epochs))
+
     # --- iteration
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:

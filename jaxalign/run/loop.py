@@ -191,7 +191,7 @@ class Trainer(RunCheckpoints):
     def planned_steps(self) -> int:
         if self.cfg.train.max_steps > 0:
             return self.cfg.train.max_steps
-        return max(1, self.cfg.train.epochs * self.train_iter.steps_per_epoch)
+        return max(1, self.train_iter.steps_in_epochs(self.cfg.train.epochs))
 
     def best_metric_name(self) -> str:
         choice = self.cfg.checkpoint.best_metric
