@@ -104,13 +104,13 @@ class SentencePieceTokenizer(Tokenizer):
                 ids.append(special)
                 parts.append(np.array([[start, end]], np.int64))
                 continue
-            seg_ids, seg_offsets = self._encode_segment_with_offsets(text[start:end], as_array=True)
+            seg_ids, seg_offsets = self._encode_segment_with_offsets(text[start:end])
             ids.extend(seg_ids)
             parts.append(seg_offsets + start)
         return ids, np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
 
-    def _encode_segment_with_offsets(self, segment: str, as_array: bool = False):
-        """(ids, offsets) of one segment without special tokens: a list of (start, end), or an array."""
+    def _encode_segment_with_offsets(self, segment: str) -> tuple[list[int], np.ndarray]:
+        """(ids, int64 [n, 2] character offsets) of one segment without special tokens."""
         if self._piece_chars is not None and segment.isascii():
             # Identity normalization and one byte per character: each piece covers as many characters as
             # it has (a byte piece one), after the dummy prefix; twice as fast as reading the proto.
@@ -120,8 +120,7 @@ class SentencePieceTokenizer(Tokenizer):
             if (chars >= 0).all() and (not ids or ends[-1] == len(segment) + self._dummy_prefix):
                 d = self._dummy_prefix
                 offsets = np.stack([np.maximum(ends - chars - d, 0), np.maximum(ends - d, 0)], axis=1)
-                return ids, offsets.reshape(-1, 2).astype(np.int64) if as_array else [
-                    tuple(o) for o in offsets.tolist()]
+                return ids, offsets.reshape(-1, 2).astype(np.int64)
         proto = self.sp.encode_as_proto(segment)
         ids = [p.id for p in proto.pieces]
         # sentencepiece reports UTF-8 byte offsets; map them to character offsets.
@@ -134,7 +133,7 @@ class SentencePieceTokenizer(Tokenizer):
             s, e = offsets[k]
             if s == e and self.sp.is_byte(ids[k]) and self.sp.is_byte(ids[k + 1]) and offsets[k + 1][0] == s:
                 offsets[k] = offsets[k + 1]
-        return ids, np.asarray(offsets, np.int64).reshape(-1, 2) if as_array else offsets
+        return ids, np.asarray(offsets, np.int64).reshape(-1, 2)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # sentencepiece drops control ids when decoding, so decode runs of ordinary ids and

@@ -51,10 +51,7 @@ def load_rows(
         return _concat(parts, ", ".join(map(str, path_or_name)))
     name = os.path.expanduser(os.fspath(path_or_name))
     if any(c in name for c in "*?["):
-        files = [f for f in paths.glob(name) if paths.isfile(f)]
-        if not files:
-            raise JaxalignError(f"data: no files match {name!r}")
-        ds = _concat([_load_file(f, cache_dir) for f in files], name)
+        ds = _concat([_load_file(f, cache_dir) for f in _glob_files(name)], name)
     elif paths.isfile(name):
         ds = _load_file(name, cache_dir)
     elif paths.isdir(name):
@@ -72,22 +69,14 @@ def data_files(name: str) -> list[str] | None:
     """The data files a file, glob or dir of data files stands for, in name order (for streaming);
     None for a hub id. A `save_to_disk` dir is already on disk: it is read without streaming."""
     if any(c in name for c in "*?["):
-        files = sorted(f for f in paths.glob(name) if paths.isfile(f))
-        if not files:
-            raise JaxalignError(f"data: no files match {name!r}")
-        return files
+        return _glob_files(name)
     if paths.isfile(name):
         return [name]
     if paths.isdir(name):
-        directory = paths.as_path(name)
-        if any((directory / f).is_file() for f in ("state.json", "dataset_dict.json")):
+        if _is_saved(name):
             raise JaxalignError(f"data dir {name!r} is a save_to_disk dataset, read from disk as it is: "
                                 "set data.streaming: false for it")
-        files = sorted(os.path.join(name, f.name) for f in directory.iterdir()
-                       if f.is_file() and data_kind(f.name)[0] is not None)
-        if not files:
-            raise JaxalignError(f"data dir {name!r} has no .jsonl/.json/.parquet/.csv files")
-        return files
+        return _dir_files(name)
     if _looks_like_path(name):
         raise JaxalignError(f"data file {name!r} does not exist{paths.offline_hint(name)}")
     return None
@@ -231,10 +220,32 @@ def _check_json_array(path: str, compression: str) -> list[int]:
     return list(range(1, len(rows) + 1))
 
 
+def _glob_files(pattern: str) -> list[str]:
+    """The files a glob matches, sorted; an error when there are none."""
+    files = [f for f in paths.glob(pattern) if paths.isfile(f)]
+    if not files:
+        raise JaxalignError(f"data: no files match {pattern!r}")
+    return files
+
+
+def _is_saved(path: str) -> bool:
+    """A dir written by `save_to_disk` (a Dataset or a DatasetDict)."""
+    return any((paths.as_path(path) / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+def _dir_files(path: str) -> list[str]:
+    """The data files directly in a dir, sorted; an error when there are none."""
+    files = sorted(os.path.join(path, f.name) for f in paths.as_path(path).iterdir()
+                   if f.is_file() and data_kind(f.name)[0] is not None)
+    if not files:
+        raise JaxalignError(
+            f"data dir {path!r} has neither a save_to_disk dataset nor .jsonl/.json/.parquet/.csv files"
+        )
+    return files
+
+
 def _load_dir(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
-    directory = paths.as_path(path)
-    is_saved = any((directory / f).is_file() for f in ("state.json", "dataset_dict.json"))
-    if is_saved:
+    if _is_saved(path):
         try:
             ds = datasets.load_from_disk(_local(path))
         except Exception as e:
@@ -244,15 +255,7 @@ def _load_dir(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
                 raise JaxalignError(f"dataset dir {path!r} has no split {split!r}; it has {sorted(ds)} (data.split)")
             ds, path = ds[split], f"{path}[{split}]"
         return _tag(ds, path)
-    files = sorted(
-        os.path.join(path, f.name) for f in directory.iterdir()
-        if f.is_file() and data_kind(f.name)[0] is not None
-    )
-    if not files:
-        raise JaxalignError(
-            f"data dir {path!r} has neither a save_to_disk dataset nor .jsonl/.json/.parquet/.csv files"
-        )
-    return _concat([_load_file(f, cache_dir) for f in files], path)
+    return _concat([_load_file(f, cache_dir) for f in _dir_files(path)], path)
 
 
 def _local(path: str) -> str:

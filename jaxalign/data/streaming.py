@@ -134,6 +134,8 @@ class StreamIterator:
         columns = [c for c in first if c not in BOOKKEEPING]
         self.job = dataclasses.replace(stream.job, fmt=resolve_format(columns, stream.fmt_spec, stream.job.stage,
                                                                       stream.from_pref), margins="margin" in columns)
+        # Once: state() runs after every batch, and the hash stats the files and hashes the tokenizer.
+        self.data_hash = stream.content_hash
         self.restore_position(0, 0)
 
     def restore_position(self, epoch: int, position: int) -> None:
@@ -164,13 +166,9 @@ class StreamIterator:
 
     def _tokenize(self, row: Mapping[str, Any], index: int) -> dict | None:
         example, flags = self.job.row(dict(row), index)
-        self.stats.rows_in += 1
+        self.stats.count(example, flags)
         if example is None:
-            reason, message = flags.split("\t", 1)
-            self.stats.dropped_by_reason[reason] += 1
-            self.stats.first_drop.setdefault(reason, message)
             return None
-        self.stats.rows_out += 1
         if self.paired:
             check_pair(example, f"{row.get('_source')}:{row.get('_row')}")
         return example
@@ -215,7 +213,7 @@ class StreamIterator:
 
     def state(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "streaming": True, "epoch": self.epoch, "position": self.position,
-                "data": self.stream.content_hash, "stage": self.stage, "seed": self.seed, "shuffle": self.shuffle,
+                "data": self.data_hash, "stage": self.stage, "seed": self.seed, "shuffle": self.shuffle,
                 "shuffle_buffer": self.shuffle_buffer, "packing": self.packing, "batch_size": self.batch_size,
                 "max_length": self.max_length}
 

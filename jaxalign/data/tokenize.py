@@ -83,6 +83,19 @@ class DataStats:
             {**other.first_drop, **self.first_drop}, self.from_cache and other.from_cache,
         )
 
+    def count(self, example: dict | None, flags: dict | str) -> None:
+        """Count one row's outcome, as `_Job.row` gives it: kept with its truncation flags, or dropped."""
+        self.rows_in += 1
+        if example is None:
+            reason, message = flags.split("\t", 1)
+            self.dropped_by_reason[reason] += 1
+            self.first_drop.setdefault(reason, message)
+            return
+        self.rows_out += 1
+        self.truncated_prompt += flags["_truncated_prompt"]
+        self.truncated_completion += flags["_truncated_completion"]
+        self.prompt_not_prefix += flags.get("_prompt_not_prefix", 0) > 0
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataStats:
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -199,20 +212,13 @@ class _Job:
         start, end = span
         columns = self.ds[start:end]
         names = list(columns)
-        stats = DataStats(rows_in=end - start)
+        stats = DataStats()
         kept: list[dict] = []
         for k, values in enumerate(zip(*(columns[c] for c in names))):
             example, flags = self.row(dict(zip(names, values)), start + k)
-            if example is None:
-                reason, message = flags.split("\t", 1)
-                stats.dropped_by_reason[reason] += 1
-                stats.first_drop.setdefault(reason, message)
-                continue
-            kept.append(example)
-            stats.truncated_prompt += flags["_truncated_prompt"]
-            stats.truncated_completion += flags["_truncated_completion"]
-            stats.prompt_not_prefix += flags.get("_prompt_not_prefix", 0) > 0
-        stats.rows_out = len(kept)
+            stats.count(example, flags)
+            if example is not None:
+                kept.append(example)
         out: dict[str, Any] = {}
         for c in (PAIR_COLUMNS if self.stage == "dpo" else SFT_COLUMNS):
             lists = [ex[c] for ex in kept]
