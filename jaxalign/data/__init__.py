@@ -6,24 +6,22 @@
                                        cache_dir=resolve_cache_dir(cfg))
 """
 
-from jaxalign.data.examples import TokenizeSettings, tokenize_preference_example, tokenize_sft_example
-from jaxalign.data.formats import (
-    FORMATS,
-    BadRow,
-    Conversation,
-    PromptCompletion,
-    Text,
-    detect_format,
-    normalize_sft_row,
-    resolve_format,
-)
-from jaxalign.data.preference import Preference, normalize_preference_row, preference_to_sft, split_hh
-from jaxalign.data.sources import load_rows, split_train_eval
-from jaxalign.data.tokenize import DataStats, resolve_cache_dir, tokenize_dataset, tokenizer_fingerprint
+import importlib
 
-__all__ = [
-    "FORMATS", "BadRow", "Conversation", "PromptCompletion", "Text", "detect_format", "normalize_sft_row",
-    "resolve_format", "Preference", "normalize_preference_row", "preference_to_sft", "split_hh", "load_rows",
-    "split_train_eval", "DataStats", "TokenizeSettings", "resolve_cache_dir", "tokenize_dataset",
-    "tokenize_preference_example", "tokenize_sft_example", "tokenizer_fingerprint",
-]
+# Where each name lives; imported on first use, so a tokenizing worker process that needs only
+# `jaxalign.data.row_rules` does not import `datasets` (and JAX through the config) for it.
+_HOME = {
+    "TokenizeSettings": "examples", "tokenize_preference_example": "examples", "tokenize_sft_example": "examples",
+    "FORMATS": "formats", "BadRow": "formats", "Conversation": "formats", "PromptCompletion": "formats",
+    "Text": "formats", "detect_format": "formats", "normalize_sft_row": "formats", "resolve_format": "formats",
+    "Preference": "preference", "normalize_preference_row": "preference", "preference_to_sft": "preference",
+    "split_hh": "preference", "load_rows": "sources", "split_train_eval": "sources", "DataStats": "row_rules",
+    "resolve_cache_dir": "tokenize", "tokenize_dataset": "tokenize", "tokenizer_fingerprint": "tokenize",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'jaxalign.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"jaxalign.data.{_HOME[name]}"), name)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from jaxalign.config.schema import SCHEMA
 from jaxalign.data.chat_templates import render_conversation
 from jaxalign.data.formats import BadRow, Conversation, PromptCompletion, SFTExample, Text
 from jaxalign.data.preference import Preference
@@ -62,6 +61,8 @@ def data_value(cfg_data: Mapping[str, Any], key: str) -> Any:
     try:
         return cfg_data[key]
     except (KeyError, AttributeError):
+        from jaxalign.config.schema import SCHEMA  # here, not above: the config imports JAX, a worker needs neither
+
         return SCHEMA["data"][key].default
 
 

@@ -43,7 +43,7 @@ from jaxalign.data.examples import TokenizeSettings
 from jaxalign.data.formats import resolve_format
 from jaxalign.data.iterator import build_host_batch, host_rows
 from jaxalign.data.sources import BOOKKEEPING, data_files, data_kind, iter_jsonl, rows_fingerprint
-from jaxalign.data.tokenize import DataStats, _Job, tokenizer_fingerprint
+from jaxalign.data.tokenize import DataStats, RowRules, tokenizer_fingerprint
 from jaxalign.errors import JaxalignError
 
 STATE_VERSION = 1
@@ -56,7 +56,7 @@ class Stream:
     path: Any  # data.train: a file, glob, dir, hub id, or a list of them
     split: str
     max_rows: int
-    job: _Job  # the tokenize stage's per-row rules (its ds unused; fmt "" until the iterator reads a row)
+    job: RowRules  # the tokenize stage's per-row rules (fmt "" until the iterator reads a row)
     fmt_spec: str  # data.format: with the first row's columns, it decides the format
     from_pref: bool  # data.sft_from_preference
 
@@ -88,7 +88,7 @@ def open_stream(cfg: Any, tokenizer: Any, stage: str) -> Stream:
     data = cfg.data
     stage = "dpo" if stage == "rm" else stage
     settings = TokenizeSettings.from_config(data, cfg.sft.loss_on if stage == "sft" else "completion")
-    job = _Job(None, tokenizer, settings, stage, "", data.on_bad_row, str(data.train), False)
+    job = RowRules(tokenizer, settings, stage, "", data.on_bad_row, str(data.train), False)
     return Stream(data.train, data.split, data.max_rows, job, data.format, data.sft_from_preference)
 
 

@@ -12,8 +12,9 @@ Store: the examples go to a token store (`jaxalign.data.store`: flat arrays on d
 memory map), one per (rows fingerprint, tokenizer fingerprint, chat template, settings, code
 version) under `cache_dir/tokenized/`, with the stats beside them; a later run or stage with the
 same inputs opens it without tokenizing. Rows are tokenized in chunks of CHUNK_ROWS over
-`data.num_workers` processes (0 = one per core; one process for small data), written in row order
-as they come, so memory holds a few chunks, never the dataset. `resolve_cache_dir(cfg)` gives
+`data.num_workers` processes (0 = one per core; one process for small data) that apply
+`jaxalign.data.row_rules` to the rows this process reads and sends them, written in row order as
+they come, so memory holds a few chunks, never the dataset. `resolve_cache_dir(cfg)` gives
 data.cache_dir or, when that is '', `output_dir/cache` (the schema's rule); with no config at all,
 or an output_dir that is a URL, ~/.cache/jaxalign.
 """
@@ -21,7 +22,6 @@ or an output_dir that is a URL, ~/.cache/jaxalign.
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -30,23 +30,17 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import tempfile
 from typing import Any, Callable, Mapping
 
 import datasets
-import numpy as np
 import tqdm
 
-from jaxalign.data.examples import (
-    Dropped,
-    TokenizeSettings,
-    data_value,
-    tokenize_preference_example,
-    tokenize_sft_example,
-)
-from jaxalign.data.formats import BadRow, normalize_sft_row, resolve_format
-from jaxalign.data.preference import normalize_preference_row, preference_to_sft
+from jaxalign.data.examples import TokenizeSettings, data_value
+from jaxalign.data.formats import resolve_format
+from jaxalign.data.row_rules import DataStats, RowRules, init_worker, run_chunk
 from jaxalign.data.store import META_FILE, PAIR_COLUMNS, SFT_COLUMNS, StoreWriter, TokenStore
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import JaxalignError
@@ -57,62 +51,9 @@ log = logging.getLogger(__name__)
 # Bump when tokenization output changes for the same inputs: old cache files are then ignored.
 CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "jaxalign")
+CHUNK_ROWS = 256
+ROWS_PER_WORKER = 2000  # below this a worker's start-up (imports, tokenizer) costs more than it saves
 
-@dataclasses.dataclass
-class DataStats:
-    """What happened to the rows: counts of kept rows, truncations and drops by reason."""
-
-    rows_in: int = 0
-    rows_out: int = 0
-    truncated_prompt: int = 0
-    truncated_completion: int = 0
-    prompt_not_prefix: int = 0  # completions tokenized alone (prompt tokens not a prefix of the full text's)
-    dropped_by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    first_drop: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> "FILE:ROW: message"
-    from_cache: bool = False
-
-    @property
-    def dropped(self) -> int:
-        return sum(self.dropped_by_reason.values())
-
-    def __add__(self, other: DataStats) -> DataStats:
-        return DataStats(
-            self.rows_in + other.rows_in, self.rows_out + other.rows_out,
-            self.truncated_prompt + other.truncated_prompt, self.truncated_completion + other.truncated_completion,
-            self.prompt_not_prefix + other.prompt_not_prefix, self.dropped_by_reason + other.dropped_by_reason,
-            {**other.first_drop, **self.first_drop}, self.from_cache and other.from_cache,
-        )
-
-    def count(self, example: dict | None, flags: dict | str) -> None:
-        """Count one row's outcome, as `_Job.row` gives it: kept with its truncation flags, or dropped."""
-        self.rows_in += 1
-        if example is None:
-            reason, message = flags.split("\t", 1)
-            self.dropped_by_reason[reason] += 1
-            self.first_drop.setdefault(reason, message)
-            return
-        self.rows_out += 1
-        self.truncated_prompt += flags["_truncated_prompt"]
-        self.truncated_completion += flags["_truncated_completion"]
-        self.prompt_not_prefix += flags.get("_prompt_not_prefix", 0) > 0
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataStats:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return dataclasses.replace(cls(**{k: v for k, v in d.items() if k in fields}),
-                                   dropped_by_reason=collections.Counter(d.get("dropped_by_reason", {})))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"dropped_by_reason": dict(self.dropped_by_reason), "dropped": self.dropped}
-
-    def summary(self) -> str:
-        text = (
-            f"{self.rows_out}/{self.rows_in} rows kept; truncated prompts {self.truncated_prompt}, "
-            f"truncated completions {self.truncated_completion}, completions tokenized alone {self.prompt_not_prefix}"
-        )
-        for reason, n in sorted(self.dropped_by_reason.items()):
-            text += f"\n  dropped {n} ({reason}), e.g. {self.first_drop.get(reason, '')}"
-        return text
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -159,8 +100,8 @@ def tokenize_dataset(
     else:
         ds = ds() if callable(ds) else ds
         fmt = resolve_format(ds.column_names, fmt_spec, stage, from_pref)
-        job = _Job(ds, tokenizer, settings, stage, fmt, on_bad_row, source, "margin" in ds.column_names)
-        store, stats = _write_store(job, path, _workers(data_value(cfg_data, "num_workers"), len(ds)),
+        job = RowRules(tokenizer, settings, stage, fmt, on_bad_row, source, "margin" in ds.column_names)
+        store, stats = _write_store(job, ds, path, _workers(data_value(cfg_data, "num_workers"), len(ds)),
                                     {"rows_fingerprint": rows_key, "rows": len(ds), "tokenizer": repr(tokenizer),
                                      "format": fmt, "stage": stage, "settings": dataclasses.asdict(settings),
                                      "on_bad_row": on_bad_row, "sft_from_preference": from_pref,
@@ -173,109 +114,40 @@ def tokenize_dataset(
     return store, stats
 
 
-@dataclasses.dataclass
-class _Job:
-    """What a tokenizing process needs: the rows and the rules (pickled once per worker)."""
-
-    ds: datasets.Dataset
-    tokenizer: Tokenizer
-    settings: TokenizeSettings
-    stage: str
-    fmt: str
-    on_bad_row: str
-    source: str
-    margins: bool
-
-    def row(self, row: dict[str, Any], index: int) -> tuple[dict | None, dict | str]:
-        """(example, flags), or (None, "reason\tFILE:ROW: message") for a dropped row."""
-        where = f"{row.get('_source') or self.source or 'rows'}:{row.get('_row') or index + 1}"
-        try:
-            if self.fmt == "preference":
-                pref = normalize_preference_row(row)
-                if self.stage == "dpo":
-                    example, flags = tokenize_preference_example(pref, self.tokenizer, self.settings)
-                    if self.margins:
-                        example = {**example, "margin": _margin(row)}
-                    return example, flags
-                return tokenize_sft_example(preference_to_sft(pref), self.tokenizer, self.settings)
-            return tokenize_sft_example(normalize_sft_row(row, self.fmt), self.tokenizer, self.settings)
-        except BadRow as e:
-            if self.on_bad_row == "error" and not isinstance(e, Dropped):
-                raise JaxalignError(
-                    f"{where}: {e} [{e.reason}]. Fix the row, or set data.on_bad_row: skip to skip such rows "
-                    "(they are counted)"
-                ) from None
-            return None, f"{e.reason}\t{where}: {e}"
-
-    def chunk(self, span: tuple[int, int]) -> tuple[dict[str, Any], DataStats]:
-        """Rows [start, end) as store columns (flat values, lengths) and their stats."""
-        start, end = span
-        columns = self.ds[start:end]
-        names = list(columns)
-        stats = DataStats()
-        kept: list[dict] = []
-        for k, values in enumerate(zip(*(columns[c] for c in names))):
-            example, flags = self.row(dict(zip(names, values)), start + k)
-            stats.count(example, flags)
-            if example is not None:
-                kept.append(example)
-        out: dict[str, Any] = {}
-        for c in (PAIR_COLUMNS if self.stage == "dpo" else SFT_COLUMNS):
-            lists = [ex[c] for ex in kept]
-            flat = list(itertools.chain.from_iterable(lists))
-            out[c] = (np.array(flat, SFT_COLUMNS.get(c, "int32")), np.array([len(v) for v in lists], np.int64))
-        if self.margins:
-            out["margin"] = np.array([ex["margin"] for ex in kept], np.float32)
-        return out, stats
-
-
-_WORKER_JOB: _Job | None = None
-CHUNK_ROWS = 256
-ROWS_PER_WORKER = 2000  # below this a worker's start-up (imports, tokenizer) costs more than it saves
-
-
-def _init_worker(job: _Job) -> None:
-    global _WORKER_JOB
-    _WORKER_JOB = job
-
-
-def _run_chunk(span: tuple[int, int]):
-    return _WORKER_JOB.chunk(span)
-
-
 def _workers(requested: int, rows: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(requested or cores, rows // ROWS_PER_WORKER))
 
 
-def _write_store(job: _Job, path: str, workers: int, note: dict) -> tuple[TokenStore, DataStats]:
-    """Tokenize in chunks (over `workers` processes), writing each chunk as it comes, in row order."""
-    spans = [(s, min(s + CHUNK_ROWS, len(job.ds))) for s in range(0, len(job.ds), CHUNK_ROWS)]
+def _write_store(rules: RowRules, ds: datasets.Dataset, path: str, workers: int,
+                 note: dict) -> tuple[TokenStore, DataStats]:
+    """Tokenize in chunks (over `workers` processes), writing each chunk as it comes, in row order.
+    This process reads the rows and sends each chunk's to a worker, so a worker never imports `datasets`."""
+    starts = range(0, len(ds), CHUNK_ROWS)
+    tasks = ((s, ds[s:s + CHUNK_ROWS]) for s in starts)  # lazy: the pool's feeder blocks on a full pipe
     stats = DataStats()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with StoreWriter(path, PAIR_COLUMNS if job.stage == "dpo" else SFT_COLUMNS,
-                     ["margin"] if job.margins else []) as writer, contextlib.ExitStack() as stack:
+    with StoreWriter(path, PAIR_COLUMNS if rules.stage == "dpo" else SFT_COLUMNS,
+                     ["margin"] if rules.margins else []) as writer, contextlib.ExitStack() as stack:
         if workers > 1:
+            # The rules go by file: a start-up argument larger than a pipe's buffer makes each worker's
+            # launch wait for the one before to import and unpickle, so workers started one by one.
+            rules_file = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".pkl"))
+            pickle.dump(rules, rules_file)
+            rules_file.flush()
             # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit mid-lock.
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(job,)))
-            results = pool.imap(_run_chunk, spans)
+                workers, initializer=init_worker, initargs=(rules_file.name,)))
+            results = pool.imap(run_chunk, tasks)
         else:
-            results = map(job.chunk, spans)
-        for chunk, chunk_stats in tqdm.tqdm(results, total=len(spans), desc=f"tokenizing ({job.stage}, {job.fmt})",
-                                            unit="chunk", disable=len(spans) < 8):
+            results = itertools.starmap(rules.chunk, tasks)
+        for chunk, chunk_stats in tqdm.tqdm(results, total=len(starts), desc=f"tokenizing ({rules.stage}, {rules.fmt})",
+                                            unit="chunk", disable=len(starts) < 8):
             writer.add(chunk)
             stats = stats + chunk_stats
         stats.from_cache = False
         store = writer.finish({"stats": stats.to_dict(), "note": note})
     return store, stats
-
-
-def _margin(row: dict[str, Any]) -> float:
-    value = row.get("margin")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-        raise BadRow("bad_margin", f"'margin' must be a finite number, got {value!r:.40}")
-    return float(value)
 
 
 def _scratch_dir() -> str:
