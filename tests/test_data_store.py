@@ -109,21 +109,23 @@ def test_the_store_holds_the_per_row_examples_whoever_wrote_them(shared_data, mo
 
 
 def test_a_tokenizing_worker_imports_neither_datasets_nor_jax(model_file, tmp_path):
-    """What a worker process loads (the rules, pickled with their tokenizer) keeps its start-up short:
-    `datasets` and JAX each take seconds to import, and the workers of a pool start one after another."""
-    import pickle
+    """What a worker process loads (the rules and their tokenizer, as the pool sends them) keeps its
+    start-up short: `datasets` and JAX each take seconds to import, and the pool's workers start one
+    after another."""
+    import multiprocessing
 
     from jaxalign.data.row_rules import RowRules
 
     rules = RowRules(load_tokenizer(model_file, "llama2"), TokenizeSettings(), "sft", "messages", "error", "x", False)
-    (tmp_path / "rules.pkl").write_bytes(pickle.dumps(rules))
-    code = ("import pickle, sys; from jaxalign.data.row_rules import init_worker, run_chunk; "
-            f"init_worker({str(tmp_path / 'rules.pkl')!r}); "
+    code = ("import sys; from jaxalign.data.row_rules import init_worker, run_chunk; "
+            "from multiprocessing.reduction import ForkingPickler; "
+            "init_worker(ForkingPickler.loads(sys.stdin.buffer.read())); "
             "columns, stats = run_chunk((0, {'messages': [[{'role': 'user', 'content': 'Hi'}, "
             "{'role': 'assistant', 'content': 'Hello there'}]]})); "
             "print(stats.rows_out, sorted(m for m in ('datasets', 'jax', 'pandas') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.split() == ["1", "[]"], out.stdout + out.stderr
+    sent = bytes(multiprocessing.reduction.ForkingPickler.dumps(rules))
+    out = subprocess.run([sys.executable, "-c", code], input=sent, capture_output=True, check=True, cwd=ROOT)
+    assert out.stdout.decode().split() == ["1", "[]"], out.stdout + out.stderr
 
 
 def test_vectorized_span_mask_is_the_overlap_rule():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import pickle
 from typing import Any, Mapping
 
 import numpy as np
@@ -154,11 +153,10 @@ def _margin(row: dict[str, Any]) -> float:
 _WORKER_RULES: RowRules | None = None
 
 
-def init_worker(rules_file: str) -> None:
-    """A pool's initializer: load the rules `tokenize` pickled to `rules_file`."""
+def init_worker(rules: RowRules) -> None:
+    """A pool's initializer: keep the rules for the chunks to come."""
     global _WORKER_RULES
-    with open(rules_file, "rb") as f:
-        _WORKER_RULES = pickle.load(f)
+    _WORKER_RULES = rules
 
 
 def run_chunk(task: tuple[int, dict[str, list]]) -> tuple[dict[str, Any], DataStats]:
