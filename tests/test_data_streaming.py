@@ -28,10 +28,10 @@ def test_the_shuffle_buffer_is_a_seeded_permutation_within_its_window():
     assert list(shuffled(iter(range(10)), 1, np.random.default_rng(0))) == list(range(10))
 
 
-def config(shared_data, tmp_path, stage="sft", **data):
+def config(shared_data, tmp_path, stage="sft", share_prompt=False, **data):
     cfg = hh_sft_config(shared_data, tmp_path / "run", tmp_path / "cache",
                         data={"max_rows": 48, "max_length": 256, "max_prompt_length": 128, **data},
-                        train={"batch_size": 4, "max_steps": 6})
+                        train={"batch_size": 4, "max_steps": 6}, dpo={"share_prompt": share_prompt})
     cfg["stage"] = stage
     if stage == "dpo":
         cfg["data"]["sft_from_preference"] = False
@@ -44,8 +44,16 @@ def tok(shared_data):
 
 
 def batch_examples(batch, paired):
-    """The examples of a batch as token lists: each segment of each row (pairs: each row)."""
+    """The examples of a batch as token lists: each segment of each row (padded pairs: each row; shared-prompt
+    pairs: prompt + chosen of each, then prompt + rejected of each, in batch order)."""
     out = []
+    if "branch_ids" in batch:
+        seqs = {}
+        for r, slot in zip(*np.nonzero(batch["pair_index"] >= 0)):
+            tokens, branch = (batch[k][r][batch["segment_ids"][r] == slot + 1] for k in ("tokens", "branch_ids"))
+            seqs[batch["pair_index"][r, slot]] = [tokens[branch == 0].tolist() + tokens[branch == b].tolist()
+                                                  for b in (1, 2)]
+        return [seqs[k][side] for side in (0, 1) for k in sorted(seqs)]
     for r in range(len(batch["tokens"])):
         if paired:
             n = int(batch["loss_mask"][r].nonzero()[0].max()) + 2
@@ -56,11 +64,13 @@ def batch_examples(batch, paired):
     return out
 
 
-@pytest.mark.parametrize("stage,packing", [("sft", True), ("sft", False), ("dpo", False)])
-def test_the_stream_gives_the_stores_examples_packed_greedily_in_order(shared_data, tmp_path, tok, stage, packing):
-    stored = config(shared_data, tmp_path, stage, packing=packing, shuffle=False)
+@pytest.mark.parametrize("stage,packing,share", [("sft", True, False), ("sft", False, False), ("dpo", False, False),
+                                                 ("dpo", True, True)])
+def test_the_stream_gives_the_stores_examples_packed_greedily_in_order(shared_data, tmp_path, tok, stage, packing,
+                                                                      share):
+    stored = config(shared_data, tmp_path, stage, share, packing=packing, shuffle=False)
     store, _, _ = load_examples(stored, tok)
-    streamed = config(shared_data, tmp_path, stage, packing=packing, shuffle=False, streaming=True)
+    streamed = config(shared_data, tmp_path, stage, share, packing=packing, shuffle=False, streaming=True)
     stream, _, _ = load_examples(streamed, tok)
     assert isinstance(stream, Stream)
     it = make_iterator(stream, streamed, pad_id=tok.pad_id)
@@ -74,7 +84,7 @@ def test_the_stream_gives_the_stores_examples_packed_greedily_in_order(shared_da
         want = [p["prompt_ids"] + p[side] for k in range(0, len(pairs), 4) for side in ("chosen_ids", "rejected_ids")
                 for p in pairs[k:k + 4]]
     assert got == (want * 3)[:len(got)] and len(got) >= 24
-    if packing:  # greedy: a row closes when the next example would not fit, and at the epoch's end
+    if packing and stage == "sft":  # greedy: a row closes when the next example would not fit, and at the epoch's end
         rows, used = [[]], 0
         for epoch in range(3):
             for ex in store:

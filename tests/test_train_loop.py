@@ -281,6 +281,20 @@ def test_dpo_precomputed_reference_matches_model_reference(base, sft_run, dpo_mo
     trainer.ckpt.close()
 
 
+def test_dpo_in_two_padded_rows_a_pair_matches_the_shared_prompt_run(base, sft_run, dpo_model_run):
+    """`dpo.share_prompt: false` (chosen and rejected as two padded rows) against the default run (the
+    prompt shared, pairs packed): the same pairs each step, so the same loss and metrics to float32
+    summation noise, from more token positions."""
+    config = dpo_config(base, sft_run, "dpo_padded", "model", sets=["dpo.share_prompt=false"])
+    trainer = Trainer(config)
+    assert train_until(trainer, 3)["stopped_at"] == 3
+    got, _ = read_metrics(trainer.run)
+    ref, _ = read_metrics(dpo_model_run[0].run)
+    for step in (1, 2, 3):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-4, abs=1e-4), (step, key)
+
+
 # --- bad input ----------------------------------------------------------------------------------------
 
 def test_dpo_precomputed_reference_without_a_held_out_set(base, sft_run):

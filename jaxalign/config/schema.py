@@ -107,7 +107,8 @@ SCHEMA: dict[str, Any] = {
         "max_length": F(1024, "max tokens per sequence (prompt + completion)"),
         "max_prompt_length": F(512, "max prompt tokens; longer prompts are truncated per data.truncation"),
         "truncation": F("keep_end", "which end of an over-long prompt is kept", ("keep_start", "keep_end")),
-        "packing": F(True, "pack several SFT examples per sequence (segment ids keep them apart)"),
+        "packing": F(True, "pack several SFT examples per sequence (segment ids keep them apart); with "
+                     "dpo.share_prompt, several whole pairs per row"),
         "pad_to_multiple_of": F(64, "pad sequence lengths up to a multiple of this (fewer recompiles)"),
         "shuffle": F(True, "shuffle training rows each epoch (seeded by train.seed)"),
         "on_bad_row": F("error", "what to do with a malformed row", ("error", "skip")),
@@ -200,6 +201,8 @@ SCHEMA: dict[str, Any] = {
         "loss": F("sigmoid", "DPO loss variant (TRL semantics)", ("sigmoid", "ipo", "hinge", "robust")),
         "label_smoothing": F(0.0, "assumed preference-label noise (cDPO / robust DPO), in [0, 0.5)"),
         "sft_weight": F(0.0, "weight of an added NLL loss on the chosen completions"),
+        "share_prompt": F(True, "lay a pair out as prompt, chosen, rejected in one row (the prompt computed once; "
+                          "each reply attends to the prompt and itself); false = two padded rows per pair"),
         "reference": F("auto", "frozen reference: model = a second copy; adapters_off = with lora, the base "
                        "without the adapters (no copy); precomputed = log-probs scored once; auto = "
                        "adapters_off with lora, else model", ("auto", "model", "adapters_off", "precomputed")),

@@ -1,13 +1,24 @@
-"""Padded batches: unpacked SFT rows and DPO pairs, at bucketed lengths.
+"""Padded batches: unpacked SFT rows and DPO pairs, at bucketed lengths; shared-prompt DPO rows.
 
-DPO layout: B pairs give 2B rows, chosen first: row i is prompt + chosen of pair i and row B + i
-is prompt + rejected of the same pair, each trained (loss_mask) on its completion targets only.
-The length is the longest row rounded up to a multiple of `data.pad_to_multiple_of` (capped at
-data.max_length), so only max_length / multiple distinct shapes ever compile.
+Padded DPO layout (dpo.share_prompt: false, and the reward model): B pairs give 2B rows, chosen
+first: row i is prompt + chosen of pair i and row B + i is prompt + rejected of the same pair, each
+trained (loss_mask) on its completion targets only. The length is the longest row rounded up to a
+multiple of `data.pad_to_multiple_of` (capped at data.max_length), so only max_length / multiple
+distinct shapes ever compile. Rows that pad a short final batch (`num_pairs` > len(pairs)) have an
+all-zero loss_mask; real DPO rows never do.
 
-Pairs are not packed: a packed row would need a segment -> pair map for the loss, and DPO rows
-(prompt + long answer) leave little room to gain. Rows that pad a short final batch
-(`num_pairs` > len(pairs)) have an all-zero loss_mask; real DPO rows never do.
+Shared-prompt layout (dpo.share_prompt): a pair is one run of P + C + R + 1 tokens in a row,
+
+    tokens      p0 .. p(P-2) | p(P-1) c0 .. c(C-1) | p(P-1) r0 .. r(R-1)
+    branch_ids  0  ..  0     | 1      1  ..  1     | 2      2  ..  2
+    positions   0  ..  P-2   | P-1    P  ..  P+C-1 | P-1    P  ..  P+R-1
+
+the prompt's last token opening each reply's branch, so every reply token (its first included) is
+predicted inside its own branch, and attention (models/attention.py) lets a branch see the shared
+prompt and itself, never the other reply: each reply's log-probs are those of prompt + reply alone.
+Several pairs may share a row (data.packing), each its own segment. A row has `slots` pair slots:
+`pair_index` [rows, slots] names the batch's pair in each (-1: empty), in segment order, and per-pair
+arrays (`ref_logps`) are [rows, slots, 2] (chosen, rejected), so every array is split by rows.
 """
 
 from __future__ import annotations
@@ -91,6 +102,68 @@ def dpo_batch(pairs: Sequence[Mapping], length: int, pad_id: int = 0,
     batch = pack_rows(dpo_rows(pairs, num_pairs), length, pad_id)
     ref = dpo_ref_logps(pairs, num_pairs)
     return batch if ref is None else {**batch, "ref_logps": ref}
+
+
+def shared_length(prompt: int, chosen: int, rejected: int):
+    """Tokens of a pair in the shared-prompt layout (ints or arrays)."""
+    return prompt + chosen + rejected + 1
+
+
+def shared_batch(rows: Sequence[Sequence[tuple[int, Mapping]]], length: int, slots: int, pad_id: int = 0,
+                 num_rows: int | None = None, with_ref: bool | None = None) -> dict[str, np.ndarray]:
+    """[num_rows, length] shared-prompt batch: rows[r] lists (index in the batch, pair) laid end to end
+    in row r (see the module doc); `ref_logps` [num_rows, slots, 2] when the pairs carry them (`with_ref`:
+    whether the whole batch's do, for a process whose rows may all be empty)."""
+    num_rows = len(rows) if num_rows is None else num_rows
+    if len(rows) > num_rows:
+        raise JaxalignError(f"{len(rows)} rows do not fit a batch of {num_rows}")
+    shape = (num_rows, length)
+    batch = {"tokens": np.full(shape, pad_id, np.int32), "targets": np.full(shape, pad_id, np.int32),
+             "loss_mask": np.zeros(shape, bool), "positions": np.zeros(shape, np.int32),
+             "segment_ids": np.zeros(shape, np.int32), "branch_ids": np.zeros(shape, np.int32),
+             "pair_index": np.full((num_rows, slots), -1, np.int32)}
+    if with_ref is None:
+        with_ref = any("ref_chosen_logp" in pair for row in rows for _, pair in row)
+    ref = np.zeros((num_rows, slots, 2), np.float32)
+    for r, row in enumerate(rows):
+        if len(row) > slots:
+            raise JaxalignError(f"row {r}: {len(row)} pairs exceed its {slots} pair slots")
+        at = 0
+        for s, (index, pair) in enumerate(row):
+            check_pair(pair, f"pair {index}")
+            prompt = np.asarray(pair["prompt_ids"], np.int32)
+            p, start = len(prompt), at
+            end = at + shared_length(p, len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+            if end > length:
+                raise JaxalignError(f"row {r}: pairs of {end} tokens exceed the row length {length}")
+            batch["tokens"][r, at:at + p - 1] = prompt[:-1]
+            batch["positions"][r, at:at + p - 1] = np.arange(p - 1)
+            at += p - 1
+            for branch, side in ((1, "chosen_ids"), (2, "rejected_ids")):
+                reply = np.asarray(pair[side], np.int32)
+                n = len(reply) + 1
+                batch["tokens"][r, at:at + n] = np.concatenate([prompt[-1:], reply])
+                batch["targets"][r, at:at + n - 1] = reply
+                batch["loss_mask"][r, at:at + n - 1] = True
+                batch["positions"][r, at:at + n] = np.arange(p - 1, p - 1 + n)
+                batch["branch_ids"][r, at:at + n] = branch
+                at += n
+            batch["segment_ids"][r, start:end] = s + 1
+            batch["pair_index"][r, s] = index
+            if with_ref:
+                ref[r, s] = pair["ref_chosen_logp"], pair["ref_rejected_logp"]
+    return batch | {"ref_logps": ref} if with_ref else batch
+
+
+def by_pair(values: np.ndarray, pair_index: np.ndarray | None, num_pairs: int) -> np.ndarray:
+    """[2N] per-sequence values (chosen first) of a batch -> [2, num_pairs] in the batch's pair order: the
+    padded layout's rows are in it already; a shared-prompt batch's slots say which pair they hold."""
+    halves = np.asarray(values).reshape(2, -1)
+    if pair_index is None:
+        return halves
+    index = np.asarray(pair_index).reshape(-1)
+    real = index >= 0
+    return np.stack([np.bincount(index[real], h[real], num_pairs) for h in halves])
 
 
 def sft_rows(examples: Sequence[Mapping], num_rows: int | None = None) -> list[list[Mapping]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign.data.batching import bucket_length, pair_lengths
+from jaxalign.data.batching import bucket_length, pair_lengths, shared_length
 from jaxalign.data.packing import bins_efficiency, pack_bfd
 
 NEAR_IDENTICAL_TOKENS = 3
@@ -176,6 +176,11 @@ def _dpo_report(pairs: Sequence[Mapping], tokenizer: Any, cfg_data: Any) -> list
     padded = sum(2 * bucket_length(max(r), multiple, max_length) for r in rows)
     lines.append(f"padding: efficiency {100 * sum(map(sum, rows)) / max(padded, 1):.1f}% non-pad with each pair at "
                  f"its own bucket (multiple of {multiple}); batches pad to their longest row")
+    unshared = sum(2 * max(r) for r in rows)
+    shared = sum(shared_length(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
+    lines.append(f"tokens a pair: {unshared / max(len(pairs), 1):.0f} in two rows (2 x (prompt + longer reply)), "
+                 f"{shared / max(len(pairs), 1):.0f} with the prompt shared (dpo.share_prompt: "
+                 f"{100 * shared / max(unshared, 1):.0f}%)")
     empty = sum(1 for p in pairs if not p["chosen_ids"] or not p["rejected_ids"])
     if empty:
         lines.append(f"pairs with an empty completion: {empty} (batching rejects them)")

@@ -9,6 +9,11 @@ and derives the same plan for an epoch from (seed, epoch) and the examples' leng
 * SFT, unpacked: batch_size examples per step, one per row, padded to a bucketed length.
 * DPO and the reward model (rm): batch_size pairs per step -> 2 * batch_size rows (chosen first),
   bucketed length; a reward model's pairs with a `margin` give the batch a [2 * batch_size] `margin`.
+* DPO with dpo.share_prompt (data/batching.py's shared-prompt layout): batch_size pairs per step,
+  one per row (batch_size rows), or with data.packing best-fit packed into rows as long as the
+  batch's longest pair (bucketed), as many rows as that takes; either way rounded up to a multiple
+  of the data-parallel devices with empty rows. A packed batch's shape follows its pairs (a new
+  shape compiles once); its loss counts real pairs, so it does not depend on the packing.
 
 The iterator's whole state is (epoch, step within the epoch), so `state()` is a tiny JSON dict
 and `restore()` resumes with exactly the batches an uninterrupted run would have produced next.
@@ -25,6 +30,7 @@ assembles the global jax.Arrays.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,6 +45,9 @@ from jaxalign.data.batching import (
     dpo_rows,
     pair_lengths,
     pair_margins,
+    round_up,
+    shared_batch,
+    shared_length,
 )
 from jaxalign.data.packing import pack_bfd, pack_rows
 from jaxalign.errors import JaxalignError
@@ -47,7 +56,7 @@ from jaxalign.runtime.sharding import batch_sharding, data_parallel_size
 STATE_VERSION = 1
 # state() keys that must match on restore: a different value would give different batches.
 _PLAN_KEYS = ("stage", "num_examples", "seed", "shuffle", "packing", "batch_size", "max_length",
-              "pad_to_multiple_of", "drop_remainder", "mixture")
+              "pad_to_multiple_of", "drop_remainder", "mixture", "share_prompt")
 
 
 def host_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
@@ -60,6 +69,17 @@ def host_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
     index_map = batch_sharding(mesh, 2).addressable_devices_indices_map((global_rows, 1))
     spans = sorted({idx[0].indices(global_rows)[:2] for idx in index_map.values()})
     return np.concatenate([np.arange(start, stop) for start, stop in spans])
+
+
+def row_multiple(mesh: Mesh | None) -> int:
+    """What a batch's row count must be a multiple of: the data-parallel devices."""
+    return 1 if mesh is None else data_parallel_size(mesh)
+
+
+@functools.lru_cache(maxsize=256)
+def rows_of(mesh: Mesh | None, global_rows: int) -> np.ndarray:
+    """`host_rows` (all rows without a mesh), kept per row count: a packed DPO batch's count varies."""
+    return np.arange(global_rows) if mesh is None else host_rows(mesh, global_rows)
 
 
 def to_global_arrays(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
@@ -90,7 +110,7 @@ class BatchIterator:
     def __init__(self, examples: Sequence[Mapping], stage: str, *, batch_size: int, max_length: int,
                  pad_to_multiple_of: int = 64, packing: bool = True, shuffle: bool = True, seed: int = 0,
                  pad_id: int = 0, epochs: int | None = None, drop_remainder: bool = True,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, share_prompt: bool = False, micro_batches: int = 1):
         if stage not in ("sft", "dpo", "rm"):
             raise JaxalignError(f"stage must be 'sft', 'dpo' or 'rm', got {stage!r}")
         if batch_size < 1:
@@ -100,15 +120,21 @@ class BatchIterator:
         self.batch_size = batch_size
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.packing = packing and stage == "sft"
+        self.shared = share_prompt and stage == "dpo"
+        self.packing = packing and (stage == "sft" or self.shared)
         self.shuffle = shuffle
         self.seed = seed
         self.pad_id = pad_id
         self.epochs = epochs
         self.drop_remainder = drop_remainder
         self.paired = stage != "sft"
-        self.global_rows = 2 * batch_size if self.paired else batch_size
-        self.local_rows = host_rows(mesh, self.global_rows) if mesh is not None else np.arange(self.global_rows)
+        self.mesh = mesh
+        self.pack_pairs = self.packing and self.shared
+        # Shared-prompt rows: split evenly over the data-parallel devices and the step's micro-batches.
+        self.row_multiple = row_multiple(mesh) * micro_batches
+        self.global_rows = (round_up(batch_size, self.row_multiple) if self.shared
+                            else 2 * batch_size if self.paired else batch_size)
+        self.local_rows = rows_of(mesh, self.global_rows)
         self.lengths = self._lengths()
         self.epoch, self.step = 0, 0
         self._plan_cache: tuple[int, list[list]] | None = None
@@ -152,7 +178,7 @@ class BatchIterator:
             order = self.examples.epoch_order(rng, self.shuffle, epoch)
         else:
             order = rng.permutation(n) if self.shuffle else np.arange(n)
-        if not self.packing:
+        if not self.packing or self.paired:  # pairs are packed batch by batch (build_host_batch)
             return order.tolist()
         rows = [[int(order[i]) for i in b] for b in pack_bfd(self.lengths[order], self.max_length)]
         # BFD emits long-example rows first; shuffle rows so batches do not track length.
@@ -207,7 +233,7 @@ class BatchIterator:
                 "stage": self.stage, "num_examples": len(self.examples), "seed": self.seed,
                 "shuffle": self.shuffle, "packing": self.packing, "batch_size": self.batch_size,
                 "max_length": self.max_length, "pad_to_multiple_of": self.pad_to_multiple_of,
-                "drop_remainder": self.drop_remainder,
+                "drop_remainder": self.drop_remainder, "share_prompt": self.shared,
                 "mixture": self.examples.plan_state() if hasattr(self.examples, "plan_state") else None}
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -226,25 +252,31 @@ def make_iterator(examples: Sequence[Mapping], cfg: Any, *, stage: str | None = 
     """The iterator a run's config asks for: training (shuffled, endless, full batches) or eval
     (in order, one pass, eval.batch_size, the last batch padded with empty rows)."""
     data = cfg.data
+    # the train step's micro-batches (run.build.accumulation_steps); eval steps take the whole batch
+    micro = cfg.train.batch_size // cfg.train.micro_batch_size if train and cfg.train.micro_batch_size else 1
     if hasattr(examples, "epoch_rows"):  # a Stream (data.streaming): training only
         from jaxalign.data.streaming import StreamIterator  # it builds on this module
 
         return StreamIterator(examples, stage or cfg.stage, batch_size=cfg.train.batch_size,
                               max_length=data.max_length, pad_to_multiple_of=data.pad_to_multiple_of,
                               packing=data.packing, shuffle=data.shuffle, seed=cfg.train.seed,
-                              shuffle_buffer=data.shuffle_buffer, pad_id=pad_id, mesh=mesh)
+                              shuffle_buffer=data.shuffle_buffer, pad_id=pad_id, mesh=mesh,
+                              share_prompt=cfg.dpo.share_prompt, micro_batches=micro)
     return BatchIterator(
         examples, stage or cfg.stage,
         batch_size=cfg.train.batch_size if train else cfg.eval.batch_size,
         max_length=data.max_length, pad_to_multiple_of=data.pad_to_multiple_of, packing=data.packing,
         shuffle=data.shuffle and train, seed=cfg.train.seed, pad_id=pad_id,
-        epochs=None if train else 1, drop_remainder=train, mesh=mesh)
+        epochs=None if train else 1, drop_remainder=train, mesh=mesh, share_prompt=cfg.dpo.share_prompt,
+        micro_batches=micro)
 
 
 def build_host_batch(units: list, get, lengths: np.ndarray, plan) -> dict[str, np.ndarray]:
     """This process's rows of the batch of `units` (example ids, or packed rows of them): `get(i)` is
     example i, `lengths[i]` its tokens; `plan` gives stage, paired, batch_size, packing, local_rows,
     max_length, pad_to_multiple_of and pad_id (a BatchIterator, or the streaming one)."""
+    if getattr(plan, "shared", False):
+        return _shared_host_batch(units, get, plan)
     if plan.paired:  # a process's rows hold one side of every pair (chosen rows first), so read all
         pairs = [get(i) for i in units]
         length = bucket_length(int(lengths[units].max()), plan.pad_to_multiple_of, plan.max_length)
@@ -259,3 +291,19 @@ def build_host_batch(units: list, get, lengths: np.ndarray, plan) -> dict[str, n
     length = plan.max_length if plan.packing else bucket_length(
         int(lengths[units].max()), plan.pad_to_multiple_of, plan.max_length)
     return pack_rows(local, length, plan.pad_id)
+
+
+def _shared_host_batch(units: list, get, plan) -> dict[str, np.ndarray]:
+    """This process's rows of a shared-prompt DPO batch (every process lays out all pairs, then keeps its
+    rows); `plan` gives batch_size, pack_pairs, row_multiple, mesh, pad_to_multiple_of and pad_id."""
+    pairs = [get(i) for i in units]
+    sizes = [shared_length(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
+    length = round_up(max(sizes), plan.pad_to_multiple_of)
+    if plan.pack_pairs:
+        bins, slots = [sorted(b) for b in pack_bfd(sizes, length)], plan.batch_size
+    else:
+        bins, slots = [[k] for k in range(len(units))], 1
+    global_rows = round_up(len(bins) if plan.pack_pairs else plan.batch_size, plan.row_multiple)
+    laid = [[(k, pairs[k]) for k in b] for b in bins]
+    return shared_batch([laid[r] if r < len(laid) else [] for r in rows_of(plan.mesh, global_rows)], length, slots,
+                        plan.pad_id, with_ref="ref_chosen_logp" in pairs[0])

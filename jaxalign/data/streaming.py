@@ -41,7 +41,7 @@ import numpy as np
 from jaxalign.data.batching import check_pair, pair_lengths
 from jaxalign.data.examples import TokenizeSettings
 from jaxalign.data.formats import resolve_format
-from jaxalign.data.iterator import build_host_batch, host_rows
+from jaxalign.data.iterator import build_host_batch, host_rows, row_multiple
 from jaxalign.data.sources import BOOKKEEPING, data_files, data_kind, iter_jsonl, rows_fingerprint
 from jaxalign.data.tokenize import DataStats, RowRules, tokenizer_fingerprint
 from jaxalign.errors import JaxalignError
@@ -118,11 +118,15 @@ class StreamIterator:
     """Host batches of a `Stream`, with the BatchIterator interface the train loop uses (endless)."""
 
     def __init__(self, stream: Stream, stage: str, *, batch_size: int, max_length: int, pad_to_multiple_of: int,
-                 packing: bool, shuffle: bool, seed: int, shuffle_buffer: int, pad_id: int = 0, mesh=None):
+                 packing: bool, shuffle: bool, seed: int, shuffle_buffer: int, pad_id: int = 0, mesh=None,
+                 share_prompt: bool = False, micro_batches: int = 1):
         self.stream, self.stage, self.batch_size, self.max_length = stream, stage, batch_size, max_length
         self.pad_to_multiple_of, self.shuffle, self.seed, self.pad_id = pad_to_multiple_of, shuffle, seed, pad_id
         self.shuffle_buffer = shuffle_buffer
         self.paired = stage != "sft"
+        self.shared, self.mesh = share_prompt and stage == "dpo", mesh
+        self.pack_pairs = packing and self.shared  # whole pairs per row, batch by batch (iterator.py)
+        self.row_multiple = row_multiple(mesh) * micro_batches
         self.packing = packing and not self.paired
         self.global_rows = 2 * batch_size if self.paired else batch_size
         self.local_rows = host_rows(mesh, self.global_rows) if mesh is not None else np.arange(self.global_rows)
@@ -215,7 +219,7 @@ class StreamIterator:
         return {"version": STATE_VERSION, "streaming": True, "epoch": self.epoch, "position": self.position,
                 "data": self.data_hash, "stage": self.stage, "seed": self.seed, "shuffle": self.shuffle,
                 "shuffle_buffer": self.shuffle_buffer, "packing": self.packing, "batch_size": self.batch_size,
-                "max_length": self.max_length}
+                "max_length": self.max_length, "share_prompt": self.shared, "pack_pairs": self.pack_pairs}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         mine = self.state()

@@ -2,26 +2,60 @@
 
 Masking rules, shared by every implementation: a query at row index i sees key j when j <= i, both
 belong to the same segment, the key is not padding (segment 0), and i - j < sliding_window.
+
+Shared-prompt DPO rows (`jaxalign.data.batching`, dpo.share_prompt) add branch ids: 0 for the shared
+prompt, 1 and 2 for the chosen and rejected replies laid after it. A query also needs the key in the
+shared prompt or in its own branch (a reply never sees the other), and the window counts positions,
+not row indices (the chosen reply sits between the prompt and the rejected one).
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+log = logging.getLogger(__name__)
+
+
+def resolve(implementation: str) -> str:
+    """`auto`: cuDNN on GPU, the xla path elsewhere."""
+    if implementation == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return implementation
+
+
+@functools.lru_cache(maxsize=None)
+def note_shared_prompt_mask(implementation: str) -> None:
+    """Say once (per implementation) how shared-prompt rows are masked: no kernel here fuses their mask."""
+    if resolve(implementation) == "xla":
+        log.info("shared-prompt DPO: the xla attention path applies the prompt/branch mask")
+    else:
+        log.warning("shared-prompt DPO: %s attention is given the prompt/branch mask as a dense [batch, length, "
+                    "length] mask (no fused prefix-sharing kernel); dpo.share_prompt: false keeps two padded "
+                    "rows per pair instead", resolve(implementation))
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0,
-                   sliding_window: int | None = None) -> jax.Array:
-    """Boolean [batch, q_len, kv_len] mask. `q_offset` is the row index of the first query (KV cache)."""
+                   sliding_window: int | None = None, branch_ids: jax.Array | None = None,
+                   positions: jax.Array | None = None) -> jax.Array:
+    """Boolean [batch, q_len, kv_len] mask. `q_offset` is the row index of the first query (KV cache).
+    `branch_ids` and `positions` [batch, len] (self-attention only): the shared-prompt rule above."""
     q_idx = jnp.arange(q_segment_ids.shape[1])[:, None] + q_offset
     kv_idx = jnp.arange(kv_segment_ids.shape[1])[None, :]
     mask = (kv_idx <= q_idx)[None]
     mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask &= (kv_segment_ids != 0)[:, None, :]
+    if branch_ids is not None:
+        mask &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
     if sliding_window is not None:
-        mask &= (q_idx - kv_idx < sliding_window)[None]
+        if branch_ids is not None:
+            mask &= positions[:, :, None] - positions[:, None, :] < sliding_window
+        else:
+            mask &= (q_idx - kv_idx < sliding_window)[None]
     return mask
 
 
@@ -69,8 +103,7 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "auto",
               causal: bool = False) -> jax.Array:
     """`causal`: q and k are the same positions (no KV cache); lets the xla path skip masked blocks."""
-    if implementation == "auto":
-        implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    implementation = resolve(implementation)
     if implementation == "xla":
         return xla_attention(q, k, v, mask, causal)
     if implementation == "cudnn":

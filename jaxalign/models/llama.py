@@ -87,12 +87,14 @@ class Decoder(nnx.Module):
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
                       segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                      lora: LoraInputs | None = None) -> tuple[jax.Array, KVCache | None]:
+                      lora: LoraInputs | None = None,
+                      branch_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states [batch, length, embed], and the updated cache when given one.
 
         `positions` default to 0..length-1 and `segment_ids` to all ones (one sequence per row);
         packed rows give each sequence its own segment id and positions restarting at 0. `lora`:
-        low-rank adapters applied on top of the (frozen) weights (models/lora.py).
+        low-rank adapters applied on top of the (frozen) weights (models/lora.py). `branch_ids`:
+        shared-prompt DPO rows (models/attention.py), without a cache.
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -102,8 +104,10 @@ class Decoder(nnx.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
         inv_freq = inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         cos, sin = rope_tables(positions, inv_freq, self.dtype)
+        if branch_ids is not None:
+            attn.note_shared_prompt_mask(self.attention_impl)
         if cache is None:
-            mask = attn.attention_mask(segment_ids, segment_ids, 0, self.cfg.sliding_window)
+            mask = attn.attention_mask(segment_ids, segment_ids, 0, self.cfg.sliding_window, branch_ids, positions)
             kv_segment_ids, q_offset = None, 0
         else:
             kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),

@@ -162,12 +162,12 @@ class Adapted:
     def __init__(self, model, adapters: dict, spec: LoraSpec, key: jax.Array | None = None):
         self.model, self.adapters, self.spec, self.key = model, adapters, spec, key
 
-    def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None):
+    def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None, branch_ids=None):
         keys = None
         if self.key is not None and self.spec.dropout > 0:
             keys = jax.random.split(self.key, self.model.cfg.num_hidden_layers)
         lora = LoraInputs(self.adapters, self.spec.scale, self.spec.dropout, keys)
-        return self.model.hidden_states(tokens, positions, segment_ids, cache, lora=lora)
+        return self.model.hidden_states(tokens, positions, segment_ids, cache, lora=lora, branch_ids=branch_ids)
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         return self.model.logits(self.hidden_states(tokens, positions, segment_ids)[0])

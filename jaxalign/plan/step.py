@@ -39,7 +39,9 @@ def model_config_of(cfg) -> ModelConfig:
 
 
 def batch_shapes(cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """The train step's batch: name -> (shape, dtype) at data.max_length (the largest bucket)."""
+    """The train step's batch: name -> (shape, dtype) at data.max_length (the largest bucket). DPO is
+    planned in the padded layout (2 rows per pair), a bound on the shared-prompt one, which computes the
+    prompt once (P + C + R + 1 tokens a pair against 2 * (P + max(C, R)))."""
     rows = cfg.train.batch_size * (1 if cfg.stage == "sft" else 2)
     length = cfg.data.max_length
     shapes = {k: ((rows, length), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from jaxalign.checkpoint import lora_io, model_io
 from jaxalign.checkpoint.store import RunCheckpointer
 from jaxalign.config import save_config
+from jaxalign.data.batching import by_pair
 from jaxalign.data.iterator import make_iterator, to_global_arrays
 from jaxalign.data.prefetch import Position, Prefetcher
 from jaxalign.errors import JaxalignError
@@ -206,19 +207,17 @@ class Trainer(RunCheckpoints):
         iterator (the batches evaluation builds), and keep the log-probs with the data, so no second
         model is held during training. The examples are not changed: a token store gets a view with
         the log-probs beside it (a list is copied); the train iterator is rebuilt over it."""
-        # Replicated output: every process reads all log-probs (multi-host: no non-addressable shards).
-        fn = jax.jit(lambda p, b: reference_logps(nnx.merge(self.graphdef, p), b, self.objective.chunk_size),
+        # Replicated: every process reads all log-probs and (shared-prompt layout) which pair each slot holds.
+        fn = jax.jit(lambda p, b: (reference_logps(nnx.merge(self.graphdef, p), b, self.objective.chunk_size),
+                                   b.get("pair_index")),
                      out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
         def scored(examples):
             if not examples:  # no held-out set: nothing to score (an iterator needs a batch)
                 return []
-            chosen, rejected = [], []
-            for host in make_iterator(examples, self.cfg, train=False, mesh=self.mesh, pad_id=self.pad_id):
-                logps = np.asarray(jax.device_get(fn(params, to_global_arrays(host, self.mesh))))
-                pairs = len(logps) // 2  # chosen rows, then rejected rows; padding pairs at the tail
-                chosen += logps[:pairs].tolist()
-                rejected += logps[pairs:].tolist()
+            it = make_iterator(examples, self.cfg, train=False, mesh=self.mesh, pad_id=self.pad_id)
+            chosen, rejected = np.concatenate([by_pair(*jax.device_get(fn(params, to_global_arrays(host, self.mesh))),
+                                                       it.batch_size) for host in it], axis=1).tolist()
             if hasattr(examples, "with_scalars"):
                 n = len(examples)
                 return examples.with_scalars(ref_chosen_logp=np.array(chosen[:n]), ref_rejected_logp=np.array(rejected[:n]))

@@ -17,14 +17,50 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxalign.models.logprobs import masked_sum, token_stats
+from jaxalign.models.logprobs import token_stats
 from jaxalign.models.lora import Adapted, LoraSpec
 from jaxalign.runtime.sharding import batch_sharding, constrain
 from jaxalign.train.losses import dpo_loss, reward_loss, sft_loss
 
 Batch = dict[str, jax.Array]
-# Stages trained on pairs: 2B rows per batch of B pairs, chosen rows first (data/batching.py).
+# Stages trained on pairs: 2B rows per batch of B pairs, chosen rows first (data/batching.py), unless
+# the batch is in the shared-prompt layout (it has branch_ids; each row holds whole pairs).
 PAIRED_STAGES = ("dpo", "rm")
+
+
+def is_shared(batch: Batch) -> bool:
+    return "branch_ids" in batch
+
+
+def pair_sums(values: jax.Array, batch: Batch) -> jax.Array:
+    """[2N] per-sequence sums of `values` [rows, length] over the loss mask, chosen first (pair i is i and
+    N + i): the padded layout's rows as they are; a shared-prompt batch's pair slots, row-major."""
+    values = jnp.where(batch["loss_mask"], values, 0)
+    if not is_shared(batch):
+        return jnp.sum(values, axis=-1)
+    slots = batch["pair_index"].shape[1]
+    # Row by row (row-local under any sharding), a sum per segment: segment s + 1 is slot s, 0 padding.
+    per_slot = jax.vmap(lambda v, seg: jax.ops.segment_sum(v, seg, num_segments=slots + 1)[1:])
+    sides = [per_slot(jnp.where(batch["branch_ids"] == b, values, 0), batch["segment_ids"]) for b in (1, 2)]
+    return jnp.stack(sides).reshape(-1)  # [2, rows, slots]: chosen of every slot, then rejected
+
+
+def sequence_logps(model, batch: Batch, chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+    """([2N] summed completion log-probs, [2N] completion tokens) of a DPO batch, in either layout."""
+    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                    branch_ids=batch.get("branch_ids"))
+    logp = token_stats(model, hidden, batch["targets"], chunk_size)["logp"]
+    return pair_sums(logp, batch), completion_tokens(batch)
+
+
+def completion_tokens(batch: Batch) -> jax.Array:
+    return jnp.round(pair_sums(jnp.ones(batch["loss_mask"].shape, jnp.float32), batch)).astype(jnp.int32)
+
+
+def batch_ref_logps(batch: Batch) -> jax.Array:
+    """The batch's precomputed reference log-probs as [2N], chosen first (shared: [rows, slots, 2])."""
+    ref = batch["ref_logps"]
+    return jnp.moveaxis(ref, -1, 0).reshape(-1) if is_shared(batch) else ref
 
 
 @flax.struct.dataclass
@@ -51,13 +87,15 @@ class Objective:
         mask = batch["loss_mask"].astype(jnp.int32)
         if self.stage == "sft":
             return {"tokens": jnp.sum(mask)}
-        pairs = batch["tokens"].shape[0] // 2
-        # Padding pairs (an eval batch's tail) have no completion tokens and do not count.
-        real = jnp.sum((jnp.sum(mask[:pairs], axis=-1) > 0).astype(jnp.int32))
-        return {"pairs": real, "chosen_tokens": jnp.sum(mask[:pairs])}
+        # Padding pairs (an eval batch's tail, empty slots) have no completion tokens and do not count.
+        counts = completion_tokens(batch)
+        chosen = counts[:counts.shape[0] // 2]
+        return {"pairs": jnp.sum((chosen > 0).astype(jnp.int32)), "chosen_tokens": jnp.sum(chosen)}
 
     def __call__(self, model, batch: Batch, norms: dict[str, jax.Array],
                  ref_model=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if self.stage == "dpo":
+            return self.dpo(model, batch, norms, ref_model)
         hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
         if self.stage == "rm":
             pairs = batch["tokens"].shape[0] // 2
@@ -66,12 +104,12 @@ class Objective:
                                margin=margin, center_coefficient=self.center_rewards_coefficient,
                                valid=jnp.sum(batch["loss_mask"][:pairs], axis=-1) > 0)
         stats = token_stats(model, hidden, batch["targets"], self.chunk_size)
-        if self.stage == "sft":
-            return sft_loss(stats["logp"], stats["lse"], stats["correct"], batch["loss_mask"], norms["tokens"],
-                            self.z_loss)
-        policy_logps = masked_sum(stats["logp"], batch["loss_mask"])
-        num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.int32), axis=-1)
-        ref_logps = batch["ref_logps"] if ref_model is None else reference_logps(ref_model, batch, self.chunk_size)
+        return sft_loss(stats["logp"], stats["lse"], stats["correct"], batch["loss_mask"], norms["tokens"],
+                        self.z_loss)
+
+    def dpo(self, model, batch: Batch, norms: dict[str, jax.Array], ref_model=None):
+        policy_logps, num_tokens = sequence_logps(model, batch, self.chunk_size)
+        ref_logps = batch_ref_logps(batch) if ref_model is None else reference_logps(ref_model, batch, self.chunk_size)
         pairs = policy_logps.shape[0] // 2
         return dpo_loss(policy_logps, jax.lax.stop_gradient(ref_logps), num_tokens, norms["pairs"],
                         beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
@@ -80,8 +118,8 @@ class Objective:
 
 
 def reference_logps(ref_model, batch: Batch, chunk_size: int = 0) -> jax.Array:
-    hidden, _ = ref_model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return masked_sum(token_stats(ref_model, hidden, batch["targets"], chunk_size)["logp"], batch["loss_mask"])
+    """[2N] the reference's summed completion log-probs, chosen first (either layout)."""
+    return sequence_logps(ref_model, batch, chunk_size)[0]
 
 
 def split_micro_batches(batch: Batch, k: int, paired: bool) -> Batch:
@@ -139,7 +177,8 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, optimizer: opt
         if accum_steps == 1:
             (loss, metrics), grads = micro_grads(batch)
         else:
-            micro = split_micro_batches(batch, accum_steps, paired=objective.stage in PAIRED_STAGES)
+            micro = split_micro_batches(batch, accum_steps,
+                                        paired=objective.stage in PAIRED_STAGES and not is_shared(batch))
 
             def body(acc, xs):
                 mb, index = xs
