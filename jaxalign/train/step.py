@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxalign.models.logprobs import token_stats
+from jaxalign.models.logprobs import masked_sum, token_stats
 from jaxalign.models.lora import Adapted, LoraSpec
 from jaxalign.runtime.sharding import batch_sharding, constrain
 from jaxalign.train.losses import dpo_loss, reward_loss, sft_loss
@@ -35,9 +35,9 @@ def is_shared(batch: Batch) -> bool:
 def pair_sums(values: jax.Array, batch: Batch) -> jax.Array:
     """[2N] per-sequence sums of `values` [rows, length] over the loss mask, chosen first (pair i is i and
     N + i): the padded layout's rows as they are; a shared-prompt batch's pair slots, row-major."""
-    values = jnp.where(batch["loss_mask"], values, 0)
     if not is_shared(batch):
-        return jnp.sum(values, axis=-1)
+        return masked_sum(values, batch["loss_mask"])
+    values = jnp.where(batch["loss_mask"], values, 0)
     slots = batch["pair_index"].shape[1]
     # Row by row (row-local under any sharding), a sum per segment: segment s + 1 is slot s, 0 padding.
     per_slot = jax.vmap(lambda v, seg: jax.ops.segment_sum(v, seg, num_segments=slots + 1)[1:])
