@@ -99,6 +99,22 @@ def test_the_stream_gives_the_stores_examples_packed_greedily_in_order(shared_da
         assert got_rows == rows[:24]
 
 
+def test_a_streamed_shared_prompt_batch_splits_like_the_stores_over_eight_devices(shared_data, tmp_path, tok):
+    """2 pairs a step over 8 data-parallel devices: one pair a row, rounded up to 8 rows, as the store's
+    iterator lays them out (2 pairs padded would be 4 rows, which 8 devices cannot split)."""
+    from jaxalign.runtime.sharding import make_mesh
+
+    mesh = make_mesh({"data": 8})
+    cfgs = [config(shared_data, tmp_path, "dpo", True, packing=False, shuffle=False, streaming=s) for s in (False, True)]
+    for cfg in cfgs:
+        cfg.train.batch_size = 2
+    its = [make_iterator(load_examples(cfg, tok)[0], cfg, pad_id=tok.pad_id, mesh=mesh) for cfg in cfgs]
+    stored, streamed = (next(it) for it in its)
+    assert stored["tokens"].shape[0] == streamed["tokens"].shape[0] == 8
+    assert stored.keys() == streamed.keys()
+    assert all((stored[k] == streamed[k]).all() for k in stored)
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_a_restored_position_goes_on_with_the_same_batches(shared_data, tmp_path, tok, packing):
     cfg = config(shared_data, tmp_path, packing=packing, streaming=True, shuffle_buffer=16)

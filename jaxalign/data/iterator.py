@@ -77,6 +77,14 @@ def row_multiple(mesh: Mesh | None) -> int:
 
 
 @functools.lru_cache(maxsize=256)
+def batch_rows(plan, batch_size: int) -> int:
+    """Rows of a full batch of `batch_size` examples (for shared-prompt DPO, of one pair a row; packed
+    pairs need fewer); `plan` gives shared, paired and row_multiple."""
+    if plan.shared:
+        return round_up(batch_size, plan.row_multiple)
+    return 2 * batch_size if plan.paired else batch_size
+
+
 def rows_of(mesh: Mesh | None, global_rows: int) -> np.ndarray:
     """`host_rows` (all rows without a mesh), kept per row count: a packed DPO batch's count varies."""
     return np.arange(global_rows) if mesh is None else host_rows(mesh, global_rows)
@@ -132,8 +140,7 @@ class BatchIterator:
         self.pack_pairs = self.packing and self.shared
         # Shared-prompt rows: split evenly over the data-parallel devices and the step's micro-batches.
         self.row_multiple = row_multiple(mesh) * micro_batches
-        self.global_rows = (round_up(batch_size, self.row_multiple) if self.shared
-                            else 2 * batch_size if self.paired else batch_size)
+        self.global_rows = batch_rows(self, batch_size)
         self.local_rows = rows_of(mesh, self.global_rows)
         self.lengths = self._lengths()
         self.epoch, self.step = 0, 0

@@ -41,7 +41,7 @@ import numpy as np
 from jaxalign.data.batching import check_pair, pair_lengths
 from jaxalign.data.examples import TokenizeSettings
 from jaxalign.data.formats import resolve_format
-from jaxalign.data.iterator import build_host_batch, host_rows, row_multiple
+from jaxalign.data.iterator import batch_rows, build_host_batch, row_multiple, rows_of
 from jaxalign.data.sources import BOOKKEEPING, data_files, data_kind, iter_jsonl, rows_fingerprint
 from jaxalign.data.tokenize import DataStats, RowRules, tokenizer_fingerprint
 from jaxalign.errors import JaxalignError
@@ -128,8 +128,8 @@ class StreamIterator:
         self.pack_pairs = packing and self.shared  # whole pairs per row, batch by batch (iterator.py)
         self.row_multiple = row_multiple(mesh) * micro_batches
         self.packing = packing and not self.paired
-        self.global_rows = 2 * batch_size if self.paired else batch_size
-        self.local_rows = host_rows(mesh, self.global_rows) if mesh is not None else np.arange(self.global_rows)
+        self.global_rows = batch_rows(self, batch_size)
+        self.local_rows = rows_of(mesh, self.global_rows)
         self.stats = DataStats()  # the rows this process has tokenized (a resume's replay not counted)
         # The stream's first row decides the format, as a dataset's columns do (on a resume too).
         first = next(iter(stream.epoch_rows(np.random.default_rng([seed, 0]), False)), None)
