@@ -101,6 +101,46 @@ def test_sentencepiece_ids_equal_sentencepiece(llama, sp, hh_texts):
     assert (llama.bos_token, llama.eos_token) == ("<s>", "</s>")
 
 
+def test_word_by_word_encoding_equals_sentencepiece_on_every_text(llama, sp, shared_data, monkeypatch):
+    """The word cache gives sentencepiece's ids on all HH texts and on random runs of spaces, words,
+    newlines, tabs, unicode and literal "▁", also when the cache fills up and starts again."""
+    import random
+
+    from jaxalign.data.sentencepiece_tokenizer import WordCache
+
+    assert isinstance(llama._words, WordCache)  # Llama 2: no piece holds "▁" after another character
+    with gzip.open(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as f:
+        texts = [r[k] for r in map(json.loads, f) for k in ("chosen", "rejected")]
+    rnd = random.Random(0)
+    alphabet = [" ", "  ", "a", "b", "the", "\n", ".", "é", "日本", "🤖", "▁", "\t", "<0x0A>"]
+    texts += ["", " ", "a ", "a  ", "   "] + TEXTS
+    texts += ["".join(rnd.choices(alphabet, k=rnd.randint(1, 24))) for _ in range(3000)]
+    monkeypatch.setattr(WordCache, "LIMIT", 500)
+    for text in texts:
+        assert llama._words.encode(text) == sp.encode(text), repr(text)
+    assert 0 < len(llama._words.later) <= 501
+
+
+def test_word_cache_stays_off_where_pieces_span_a_space(tmp_path):
+    """A model trained without splitting at spaces has pieces like "a▁b": it is encoded whole."""
+    import io
+    import random
+
+    import sentencepiece
+
+    rnd = random.Random(0)
+    lines = [" ".join(rnd.choices(["the cat", "a dog", "sat on", "the mat"], k=6)) for _ in range(300)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=60,
+                                             model_type="bpe", split_by_whitespace=False, minloglevel=2)
+    (tmp_path / "m.model").write_bytes(model.getvalue())
+    tok = SentencePieceTokenizer(str(tmp_path / "m.model"))
+    assert any(tok.sp.id_to_piece(i).lstrip("▁").count("▁") for i in range(tok.vocab_size))
+    assert tok._words is None
+    for text in lines[:50]:
+        assert tok.encode(text) == tok.sp.encode(text)
+
+
 def test_dir_with_only_tokenizer_model_is_sentencepiece(model_file, sp, tmp_path):
     shutil.copy(model_file, tmp_path / "tokenizer.model")
     tok = load_tokenizer(str(tmp_path))
