@@ -106,7 +106,7 @@ def test_word_by_word_encoding_equals_sentencepiece_on_every_text(llama, sp, sha
     newlines, tabs, unicode and literal "▁", also when the cache fills up and starts again."""
     import random
 
-    from jaxalign.data.sentencepiece_tokenizer import WordCache
+    from jaxalign.data.sentencepiece_words import WordCache
 
     assert isinstance(llama._words, WordCache)  # Llama 2: no piece holds "▁" after another character
     with gzip.open(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as f:
@@ -330,3 +330,20 @@ def test_missing_path_is_a_clear_error(tmp_path):
         load_tokenizer(str(tmp_path / "nope"))
     with pytest.raises(JaxalignError, match="has no tokenizer files"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_pickled_sentencepiece_tokenizer_reopens_its_model_file(model_file, tmp_path):
+    """What a tokenizing worker is sent: the file's path and a hash of the model, not the model (a spawn
+    argument over a pipe's 64 KB holds up the next worker's launch); a changed file is refused."""
+    import pickle
+
+    shutil.copyfile(model_file, tmp_path / "tokenizer.model")
+    tok = load_tokenizer(str(tmp_path / "tokenizer.model"), chat_template="llama2")
+    data = pickle.dumps(tok)
+    assert len(data) < 64 * 1024
+    back = pickle.loads(data)
+    assert (back.chat_template, back.chat_template_name) == (tok.chat_template, tok.chat_template_name)
+    assert all(back.encode(t) == tok.encode(t) for t in TEXTS)
+    (tmp_path / "tokenizer.model").write_bytes(b"\0" + (tmp_path / "tokenizer.model").read_bytes()[1:])
+    with pytest.raises(JaxalignError, match="tokenizer.model"):
+        pickle.loads(data)

@@ -16,6 +16,7 @@ same ids.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxalign.data.sentencepiece_words import WordCache
 from jaxalign.data.tokenizer import Offsets, Tokenizer
 from jaxalign.errors import JaxalignError
 
@@ -65,8 +67,24 @@ class SentencePieceTokenizer(Tokenizer):
         alternatives = sorted(self.special_ids, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
         self._piece_chars, self._dummy_prefix = _piece_chars(self)
-        self._words = WordCache(self) if WordCache.applies(sp) else None
+        self._words = WordCache(sp) if WordCache.applies(_model_proto(sp), _keeps_text) else None
         self._check_config_dir()
+
+    # A tokenizing worker reopens the model file (checked against these bytes) rather than being sent the
+    # model: a spawned worker's start-up argument over a pipe's 64 KB makes each launch wait for the last.
+    _REBUILT = ("sp", "_piece_chars", "_words", "_special_re", "special_ids")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in vars(self).items() if k not in self._REBUILT}
+        return state | {"_model_sha": hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        sha = state.pop("_model_sha")
+        self.__init__(state["model_file"], state["config_dir"])
+        if hashlib.sha256(self.sp.serialized_model_proto()).hexdigest() != sha:
+            raise JaxalignError(f"SentencePiece model {self.model_file!r} changed on disk while it was in use")
+        vars(self).update(state)
 
     # --- encoding
     def _segments(self, text: str) -> list[tuple[int, int, int | None]]:
@@ -209,60 +227,6 @@ class SentencePieceTokenizer(Tokenizer):
         hf.save_pretrained(out_dir)
         shutil.copyfile(self.model_file, os.path.join(out_dir, "tokenizer.model"))
         _set_tokenizer_class(out_dir, "PreTrainedTokenizerFast")
-
-
-class WordCache:
-    """sentencepiece's BPE ids of a text, word by word from a cache of each word's ids.
-
-    Exact when no piece holds "▁" after another character (Llama 2's 32k pieces: none does): no merge
-    then spans a boundary before a space that follows a non-space, so BPE merges each such word on
-    its own, in the same order as in the whole text, and the text's ids are its words' ids end to end.
-    Text repeats its words, so most are looked up rather than encoded: 3-4x faster on chat data.
-    Written here because neither sentencepiece nor tokenizers caches words for a SentencePiece model.
-    """
-
-    WORDS = re.compile(r" *[^ ]+| +")
-    LIMIT = 1 << 18  # words kept; the cache starts again when full (bounds a worker's memory)
-
-    def __init__(self, tok: SentencePieceTokenizer):
-        self.sp = tok.sp
-        self.first: dict[str, list[int]] = {}  # a text's first word: its dummy prefix is added here
-        self.later: dict[str, list[int]] = {}  # a later word, opened by its spaces
-
-    @staticmethod
-    def applies(sp: Any) -> bool:
-        """A BPE model that keeps text (spaces become "▁", dummy prefix on) and whose pieces never hold
-        "▁" after another character."""
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = _model_proto(sp)
-        norm, trainer = proto.normalizer_spec, proto.trainer_spec
-        if (trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE or not _keeps_text(norm)
-                or not norm.add_dummy_prefix or not norm.escape_whitespaces or trainer.treat_whitespace_as_suffix):
-            return False
-        return all(p.piece.lstrip("▁").find("▁") < 0 for p in proto.pieces)
-
-    def encode(self, text: str) -> list[int]:
-        if "▁" in text:  # a literal "▁" reads as a space: split only at spaces, the rule above could break
-            return self.sp.encode(text)
-        words = self.WORDS.findall(text)
-        if not words:
-            return []
-        if len(self.later) > self.LIMIT:
-            self.first.clear()
-            self.later.clear()
-        first, later, encode = self.first, self.later, self.sp.encode
-        ids = first.get(words[0])
-        if ids is None:
-            ids = first[words[0]] = encode(words[0])
-        ids = list(ids)
-        for w in words[1:]:
-            got = later.get(w)
-            if got is None:
-                # " x" stands for "▁x": the word without its first space, and the dummy prefix gives it back.
-                got = later[w] = encode(w[1:]) if len(w) > 1 else encode("a ")[len(encode("a")):]
-            ids += got
-        return ids
 
 
 def _model_proto(sp: Any):

@@ -288,8 +288,11 @@ def _load_hub(name: str, split: str, cache_dir: str | None) -> datasets.Dataset:
 def _tag(ds: datasets.Dataset, source: str, rows: list[int] | None = None) -> datasets.Dataset:
     """Add `_source` and `_row` (replacing any saved earlier)."""
     ds = ds.remove_columns([c for c in BOOKKEEPING if c in ds.column_names])
-    rows = rows if rows is not None else list(range(1, len(ds) + 1))
-    return ds.add_column("_source", [source] * len(ds)).add_column("_row", rows)
+    rows = np.asarray(rows if rows is not None else np.arange(1, len(ds) + 1), np.int64)
+    # Fingerprints from what the columns are made of: datasets would hash the whole columns (~1 s at 50k rows).
+    key = hashlib.sha256(f"{ds._fingerprint}\0{source}\0".encode() + rows.tobytes()).hexdigest()[:32]
+    ds = ds.add_column("_source", [source] * len(ds), new_fingerprint=key + "s")
+    return ds.add_column("_row", rows.tolist(), new_fingerprint=key + "r")
 
 
 def _concat(parts: list[datasets.Dataset], what: str) -> datasets.Dataset:
