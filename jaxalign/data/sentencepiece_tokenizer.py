@@ -138,7 +138,7 @@ class SentencePieceTokenizer(Tokenizer):
             # Identity normalization and one byte per character: each piece covers as many characters as
             # it has (a byte piece one), after the dummy prefix; twice as fast as reading the proto.
             ids = self._encode_plain(segment)
-            chars = self._piece_chars[ids]
+            chars = self._piece_chars[np.fromiter(ids, np.int64, len(ids))]  # a third faster than [list]
             ends = np.cumsum(chars)
             if (chars >= 0).all() and (not ids or ends[-1] == len(segment) + self._dummy_prefix):
                 d = self._dummy_prefix
