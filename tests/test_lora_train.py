@@ -171,10 +171,11 @@ def test_lora_dpo_reference_is_the_base_with_adapters_off(lora_dpo_run):
     assert trainer.reference == "adapters_off" and trainer.ref_params is None
     jax.tree.map(np.testing.assert_array_equal, frozen_before, merged_sft)
     train, evals = read_metrics(trainer.run)
-    assert train[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    # Equal up to fp32 rounding (the two forwards fuse differently): beta * |logp - ref| of ~100-token sums.
+    # Equal up to fp32 rounding (the two forwards fuse differently): beta * |logp - ref| of ~100-token sums;
+    # the loss is ln 2 - margin / 2 to first order, so it is held to the same rounding.
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert train[1][key] == pytest.approx(0, abs=1e-5), key
+    assert train[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     # Evaluated on the trained pairs: DPO in the loop optimises the preference objective.
     assert evals[-1]["eval/rewards/accuracies"] > 0.5 and evals[-1]["eval/loss"] < math.log(2), evals
 
