@@ -56,7 +56,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_token = sp.id_to_piece(self.eos_id)
         self.unk_token = sp.id_to_piece(unk) if unk >= 0 else None
         # Strings parsed atomically from text: control pieces (<s>, </s>), unk, user-defined pieces.
-        user_defined = _user_defined_ids(sp)
+        proto = _model_proto(sp)  # parsed once: the piece types, the normalizer, the word cache's rule
+        user_defined = _user_defined_ids(proto)
         self.special_ids = {
             sp.id_to_piece(i): i
             for i in range(self.vocab_size)
@@ -66,8 +67,8 @@ class SentencePieceTokenizer(Tokenizer):
         # Longest first so "<s>" never matches inside a longer special string.
         alternatives = sorted(self.special_ids, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
-        self._piece_chars, self._dummy_prefix = _piece_chars(self)
-        self._words = WordCache(sp) if WordCache.applies(_model_proto(sp), _keeps_text) else None
+        self._piece_chars, self._dummy_prefix = _piece_chars(self, proto)
+        self._words = WordCache(sp) if WordCache.applies(proto, _keeps_text) else None
         self._check_config_dir()
 
     # A tokenizing worker reopens the model file (checked against these bytes) rather than being sent the
@@ -243,18 +244,18 @@ def _keeps_text(norm: Any) -> bool:
     return norm.name in ("identity", "") and not norm.remove_extra_whitespaces
 
 
-def _user_defined_ids(sp: Any) -> set[int]:
-    """Ids of USER_DEFINED pieces (matched verbatim in text)."""
+def _user_defined_ids(proto: Any) -> set[int]:
+    """Ids of USER_DEFINED pieces (matched verbatim in text), from the model's ModelProto."""
     from sentencepiece import sentencepiece_model_pb2
 
     user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-    return {i for i, piece in enumerate(_model_proto(sp).pieces) if piece.type == user_defined}
+    return {i for i, piece in enumerate(proto.pieces) if piece.type == user_defined}
 
 
-def _piece_chars(tok: SentencePieceTokenizer) -> tuple[np.ndarray | None, int]:
+def _piece_chars(tok: SentencePieceTokenizer, proto: Any) -> tuple[np.ndarray | None, int]:
     """(characters of text each piece stands for, 1 if a dummy prefix is added), when the model does not
     normalize text; (None, 0) otherwise, or when a piece (unk, control) stands for no fixed text."""
-    norm = _model_proto(tok.sp).normalizer_spec
+    norm = proto.normalizer_spec
     if not _keeps_text(norm):
         return None, 0
     sp = tok.sp
