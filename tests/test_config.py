@@ -140,6 +140,30 @@ def test_bad_choice_lists_choices():
         load_config(None, ["stage=ppo"])
 
 
+def test_dpo_loss_lists_and_their_rules():
+    from jaxalign.config.checks import dpo_losses
+
+    cfg = load_config(None, ["dpo.loss=[sigmoid, sft, bco_pair]", "dpo.loss_weights=[1, 0.5, 0.2]"])
+    assert dpo_losses(cfg.dpo) == (("sigmoid", "sft", "bco_pair"), (1.0, 0.5, 0.2))
+    assert dpo_losses(load_config(None, ["dpo.loss=hinge"]).dpo) == (("hinge",), (1.0,))
+    # the old sft_weight is the sft term of the list
+    assert dpo_losses(load_config(None, ["dpo.sft_weight=0.7"]).dpo) == (("sigmoid", "sft"), (1.0, 0.7))
+    with pytest.raises(JaxalignError, match=r"'dpo\.loss' must be one of .*got 'kto'"):
+        load_config(None, ["dpo.loss=[sigmoid, kto]"])
+    with pytest.raises(JaxalignError, match=r"'dpo\.loss_weights' must have one weight per dpo\.loss entry \(2"):
+        load_config(None, ["dpo.loss=[sigmoid, sft]", "dpo.loss_weights=[1]"])
+    with pytest.raises(JaxalignError, match=r"'dpo\.loss_weights' expects list of float, got"):
+        load_config(None, ["dpo.loss_weights=[a]"])
+    with pytest.raises(JaxalignError, match=r"'dpo\.sft_weight' is the old spelling .* dpo\.loss_weights"):
+        load_config(None, ["dpo.loss=[sigmoid, sft]", "dpo.sft_weight=1"])
+    with pytest.raises(JaxalignError, match=r"'dpo\.f_divergence_type' js_divergence applies to .* not \['bco_pair'\]"):
+        load_config(None, ["dpo.loss=[sigmoid, bco_pair]", "dpo.f_divergence_type=js_divergence"])
+    with pytest.raises(JaxalignError, match=r"'dpo\.label_smoothing' must be > 0 for the exo_pair loss"):
+        load_config(None, ["dpo.loss=exo_pair"])
+    with pytest.raises(JaxalignError, match=r"'dpo\.ld_alpha' must be in \[0, 1\]"):
+        load_config(None, ["dpo.ld_alpha=1.5"])
+
+
 def test_mesh_two_auto_axes_error():
     with pytest.raises(JaxalignError, match=r"at most one mesh axis may be -1.*mesh\.fsdp, mesh\.tensor"):
         load_config(None, ["mesh.tensor=-1"])

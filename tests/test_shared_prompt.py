@@ -17,12 +17,14 @@ from jaxalign.models import ModelConfig, init_model
 from jaxalign.models.attention import attention_mask
 from jaxalign.models.lora import Adapted, LoraSpec, init_adapters
 from jaxalign.runtime.sharding import make_mesh, use_mesh
+from jaxalign.train.dpo import PreferenceLoss
 from jaxalign.train.optimizer import build_optimizer
 from jaxalign.train.step import (
     Objective,
     TrainState,
     batch_shardings,
     jit_train_step,
+    ld_token_weights,
     make_train_step,
     reference_logps,
     sequence_logps,
@@ -102,7 +104,13 @@ def test_each_reply_scores_as_in_the_padded_layout(sliding_window):
                                    atol=1e-5)
 
 
-def one_step(batch, reference: str, accum=1, mesh_sizes=None):
+RPO = PreferenceLoss(loss_types=("sigmoid", "sft"), loss_weights=(1.0, 0.3), beta=0.2)
+# LD-DPO's token weights and a loss that sorts pairs across the batch (empty slots must not take places).
+LD_AOT = PreferenceLoss(loss_types=("sigmoid", "sft", "aot"), loss_weights=(1.0, 0.3, 0.5), beta=0.2,
+                        label_smoothing=0.1, ld_alpha=0.4)
+
+
+def one_step(batch, reference: str, accum=1, mesh_sizes=None, loss=RPO):
     """(metrics, updated params) of one plain-SGD DPO step on `batch` from the same start."""
     opt_cfg = default_config().optimizer
     opt_cfg.name, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps = "sgd", 0.5, 0.0, 0
@@ -117,11 +125,11 @@ def one_step(batch, reference: str, accum=1, mesh_sizes=None):
         # a reference that differs from the policy, so the log-ratios are not all 0
         ref = jax.tree.map(lambda x: x * 1.01, params)
         if reference == "precomputed":
-            logps = np.asarray(reference_logps(nnx.merge(graphdef, ref), batch))
+            logps = np.asarray(reference_logps(nnx.merge(graphdef, ref), batch, ld_alpha=loss.ld_alpha))
             batch = dict(batch, ref_logps=(np.moveaxis(logps.reshape(2, *batch["pair_index"].shape), 0, -1)
                                            if "branch_ids" in batch else logps))
             ref = None
-        step = jit_train_step(make_train_step(graphdef, Objective("dpo", beta=0.2, sft_weight=0.3), optimizer,
+        step = jit_train_step(make_train_step(graphdef, Objective("dpo", dpo=loss), optimizer,
                                               schedule, accum),
                               jax.tree.map(lambda x: x.sharding, state),
                               batch_shardings({k: np.shape(v) for k, v in batch.items()}, mesh),
@@ -130,16 +138,18 @@ def one_step(batch, reference: str, accum=1, mesh_sizes=None):
         return jax.device_get(metrics), jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("reference", ["model", "precomputed"])
-def test_the_update_does_not_depend_on_the_layout(reference):
+@pytest.mark.parametrize("reference,loss", [("model", RPO), ("precomputed", RPO), ("precomputed", LD_AOT)],
+                         ids=["model", "precomputed", "ld_aot_precomputed"])
+def test_the_update_does_not_depend_on_the_layout(reference, loss):
     """Loss, TRL's metrics and the SGD update of 6 pairs: padded, shared one pair a row, and packed two
     different ways (and over 2 micro-batches) all give the same values."""
     pairs = random_pairs(6, seed=2)
-    want, want_params = one_step(padded(pairs), reference)
+    want, want_params = one_step(padded(pairs), reference, loss=loss)
     for batch, accum in ((shared(pairs, [[i] for i in range(6)]), 1),
                          (shared(pairs, [[0, 1, 2], [3, 4, 5]], slots=6), 1),
                          (shared(pairs, [[5], [0, 4], [1, 2, 3], []], length=64), 2)):
-        got, params = one_step(batch, reference, accum)
+        # aot sorts the pairs of each micro-batch (as TRL sorts each device's): one micro-batch here
+        got, params = one_step(batch, reference, 1 if "aot" in loss.loss_types else accum, loss=loss)
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                     "logps/chosen", "logps/rejected", "nll_loss", "num_pairs", "num_chosen_tokens"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -172,3 +182,21 @@ def test_the_iterator_gives_every_pair_once_per_step_in_rows_the_mesh_divides():
                 p = pair["prompt_ids"]
                 assert row.tolist() == p[:-1] + p[-1:] + pair["chosen_ids"] + p[-1:] + pair["rejected_ids"]
         assert sorted(seen) == list(range(40))
+
+
+def test_ld_dpo_weights_the_longer_replys_extra_tokens_in_both_layouts():
+    """LD-DPO (ld_alpha a): a pair with a 3-token chosen and a 1-token rejected reply weighs the chosen
+    reply's tokens 1, a, a and the rejected one's 1; the next pair (2 and 4 tokens) 1, 1 and 1, 1, a, a."""
+    pairs = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10]},
+             {"prompt_ids": [11], "chosen_ids": [12, 13], "rejected_ids": [14, 15, 16, 17]}]
+    a = 0.25
+    want = [[1, a, a], [1, 1], [1], [1, 1, a, a]]  # chosen of each pair, then rejected of each
+    batch = padded(pairs)
+    w = np.asarray(ld_token_weights(batch, a))
+    assert [w[r][batch["loss_mask"][r] > 0].tolist() for r in range(4)] == want
+    batch = shared(pairs, [[1, 0]])  # both pairs in one row, the second first
+    w, mask = np.asarray(ld_token_weights(batch, a))[0], batch["loss_mask"][0] > 0
+    got = {(int(seg), int(br)): w[mask & (batch["segment_ids"][0] == seg) & (batch["branch_ids"][0] == br)].tolist()
+           for seg in (1, 2) for br in (1, 2)}
+    # segment 1 holds pair 1, segment 2 pair 0
+    assert [got[2, 1], got[1, 1], got[2, 2], got[1, 2]] == want

@@ -52,7 +52,7 @@ def run_steps(mesh_sizes, objective, batches, accum=1, devices=None, optimizer_n
 
 
 SFT = Objective("sft")
-DPO = Objective("dpo", beta=0.1)
+DPO = Objective("dpo")
 
 
 @pytest.mark.parametrize("objective,paired", [(SFT, False), (DPO, True)], ids=["sft", "dpo"])

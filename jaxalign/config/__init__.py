@@ -27,6 +27,7 @@ from jaxalign.config.schema import (
     BOOL,
     FLOAT,
     INT,
+    LIST_FLOAT,
     LIST_STR,
     MAPPING,
     SCHEMA,
@@ -318,6 +319,9 @@ def _coerce(dotted: str, f: Field, value: Any, source: str) -> Any:
             value = list(value)
         else:
             ok = t == STR_OR_LIST and isinstance(value, str)
+    elif t == LIST_FLOAT:
+        ok = isinstance(value, (list, tuple)) and all(type(v) in (int, float) for v in value)  # not bool
+        value = [float(v) for v in value] if ok else value
     elif t == MAPPING:
         if value is None:
             value = {}
@@ -326,10 +330,12 @@ def _coerce(dotted: str, f: Field, value: Any, source: str) -> Any:
             value = _freeform(value, dotted, source)
     if not ok:
         raise JaxalignError(f"config key '{dotted}' expects {t}, got {_show(value)}{_where(source)}")
-    if f.choices is not None and value not in f.choices:
-        allowed = ", ".join(repr(c) for c in f.choices)
-        raise JaxalignError(f"config key '{dotted}' must be one of {allowed}; "
-                            f"got {value!r}{_where(source)}")
+    # A list's entries are each one of the choices.
+    for v in (value if isinstance(value, list) else [value]) if f.choices is not None else []:
+        if v not in f.choices:
+            allowed = ", ".join(repr(c) for c in f.choices)
+            raise JaxalignError(f"config key '{dotted}' must be one of {allowed}; "
+                                f"got {v!r}{_where(source)}")
     return value
 
 

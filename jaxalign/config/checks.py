@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from jaxalign.config.schema import LORA_TARGETS, SOURCE_KEYS
+from jaxalign.config.schema import F_DIVERGENCE_LOSSES, LORA_TARGETS, SMOOTHED_LOSSES, SOURCE_KEYS
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import is_remote
 from jaxalign.runtime.sharding import MESH_AXES
@@ -172,14 +172,47 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
     need(not (c["stage"] == "rm" and c["lora"]["enabled"]), "lora.enabled",
          "is not supported for stage rm yet (the score head would have to train beside the adapters); "
          "train the reward model fully")
-    p = c["dpo"]
     errors += _lora_errors(c, need)
+    _dpo_checks(c, need)
+    return errors
+
+
+def dpo_losses(p: dict) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """(loss types, weights) of a `dpo:` section; the old `sft_weight` w appends an `sft` term of weight w."""
+    types = [p["loss"]] if isinstance(p["loss"], str) else list(p["loss"])
+    weights = list(p["loss_weights"]) or [1.0] * len(types)
+    if p["sft_weight"] and "sft" not in types and len(weights) == len(types):
+        types, weights = types + ["sft"], weights + [p["sft_weight"]]
+    return tuple(types), tuple(weights)
+
+
+def _dpo_checks(c: dict, need) -> None:
+    p = c["dpo"]
+    types = [p["loss"]] if isinstance(p["loss"], str) else p["loss"]
     need(p["beta"] > 0, "dpo.beta", "must be > 0")
+    need(bool(types), "dpo.loss", "must name at least one loss")
+    need(not p["loss_weights"] or len(p["loss_weights"]) == len(types), "dpo.loss_weights",
+         f"must have one weight per dpo.loss entry ({len(types)}: {types}), or be [] for 1 each")
     need(0.0 <= p["label_smoothing"] < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
     need(p["sft_weight"] >= 0, "dpo.sft_weight", "must be >= 0")
-    if c["stage"] == "dpo" and p["label_smoothing"] > 0 and p["loss"] in ("ipo", "hinge"):
-        log.warning("dpo.label_smoothing is ignored by dpo.loss=%s", p["loss"])
-    return errors
+    need(not (p["sft_weight"] and "sft" in types), "dpo.sft_weight",
+         "is the old spelling of the sft term, which dpo.loss already lists: set its weight in dpo.loss_weights")
+    need(0.0 <= p["ld_alpha"] <= 1.0, "dpo.ld_alpha", "must be in [0, 1] (1 = off)")
+    need(p["discopop_tau"] > 0, "dpo.discopop_tau", "must be > 0")
+    need("exo_pair" not in types or p["label_smoothing"] > 0, "dpo.label_smoothing",
+         "must be > 0 for the exo_pair loss (its paper recommends 1e-3)")
+    off = [t for t in types if t not in F_DIVERGENCE_LOSSES]
+    need(p["f_divergence_type"] == "reverse_kl" or not off, "dpo.f_divergence_type",
+         f"{p['f_divergence_type']} applies to the losses {', '.join(F_DIVERGENCE_LOSSES)} only, not {off}: "
+         "their reward difference does not cancel f-DPO's log Z(x) term")
+    if c["stage"] != "dpo":
+        return
+    if p["sft_weight"]:
+        log.warning("dpo.sft_weight is the old spelling: write dpo.loss: [%s, sft] with dpo.loss_weights: [1.0, %s]",
+                    ", ".join(types), p["sft_weight"])
+    unsmoothed = [t for t in types if t not in SMOOTHED_LOSSES and t != "sft"]
+    if p["label_smoothing"] > 0 and unsmoothed:
+        log.warning("dpo.label_smoothing is ignored by dpo.loss %s", ", ".join(unsmoothed))
 
 
 def _lora_errors(c: dict, need) -> list[tuple[str, str]]:

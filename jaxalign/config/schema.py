@@ -16,6 +16,7 @@ from typing import Any
 # Type tags (also the words used in error messages).
 STR, INT, FLOAT, BOOL = "str", "int", "float", "bool"
 LIST_STR = "list of str"
+LIST_FLOAT = "list of float"
 STR_OR_LIST = "str or list of str"
 SOURCES = "str, list of str, or list of {path, weight} mappings"
 # The keys of one source of a weighted data.train (jaxalign/data/mixture.py).
@@ -25,6 +26,14 @@ MAPPING = "mapping"
 _DTYPES = ("float32", "bfloat16", "float16")
 # The projections LoRA can adapt, by PEFT's module names (models/lora.py maps them onto the weights).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# TRL 1.16's DPOConfig.loss_type names and f_divergence_type names (definitions: jaxalign/train/dpo.py).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# f-DPO leaves a β·log Z(x) term that cancels only in the chosen - rejected difference of scores (TRL's rule).
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# The losses label_smoothing enters (sigmoid as conservative DPO, as TRL did before 1.0).
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +207,18 @@ SCHEMA: dict[str, Any] = {
     },
     "dpo": {
         "beta": F(0.1, "DPO temperature: strength of the KL penalty to the reference"),
-        "loss": F("sigmoid", "DPO loss variant (TRL semantics)", ("sigmoid", "ipo", "hinge", "robust")),
-        "label_smoothing": F(0.0, "assumed preference-label noise (cDPO / robust DPO), in [0, 0.5)"),
-        "sft_weight": F(0.0, "weight of an added NLL loss on the chosen completions"),
+        "loss": F("sigmoid", "the loss, or a list of losses summed with dpo.loss_weights (TRL's loss_type names "
+                  "and definitions; sft = token-mean NLL of the chosen replies)", DPO_LOSS_TYPES, STR_OR_LIST),
+        "loss_weights": F([], "one weight per dpo.loss entry (TRL's loss_weights); [] = 1 each", type=LIST_FLOAT),
+        "label_smoothing": F(0.0, "assumed preference-label noise (conservative sigmoid, robust, exo_pair, aot), "
+                          "in [0, 0.5)"),
+        "f_divergence_type": F("reverse_kl", "f-DPO's divergence to the reference (TRL's); reverse_kl = DPO",
+                               F_DIVERGENCES),
+        "f_alpha_divergence_coef": F(0.5, "alpha of f_divergence_type=alpha_divergence"),
+        "discopop_tau": F(0.05, "temperature of the discopop loss's mixing"),
+        "ld_alpha": F(1.0, "LD-DPO: weight of reply tokens past the shorter reply's length, in [0, 1]; 1 = off"),
+        "sft_weight": F(0.0, "old spelling of an sft term: sft_weight w means dpo.loss [<loss>, sft] with "
+                        "dpo.loss_weights [1, w]; 0 = off"),
         "share_prompt": F(True, "lay a pair out as prompt, chosen, rejected in one row (the prompt computed once; "
                           "each reply attends to the prompt and itself); false = two padded rows per pair"),
         "reference": F("auto", "frozen reference: model = a second copy; adapters_off = with lora, the base "

@@ -14,12 +14,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxalign.checkpoint import model_io
+from jaxalign.config.checks import dpo_losses
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model, init_model
 from jaxalign.models.lora import LoraSpec, abstract_adapters, init_adapters, resolve_targets
 from jaxalign.models.quant import QuantSpec
 from jaxalign.runtime.sharding import MESH_AXES, make_mesh, merged_rules
+from jaxalign.train.dpo import PreferenceLoss
 from jaxalign.train.optimizer import build_optimizer
 from jaxalign.train.step import Objective, TrainState, make_train_step
 
@@ -35,9 +37,13 @@ def accumulation_steps(cfg) -> int:
 
 
 def objective_from_config(cfg) -> Objective:
-    return Objective(stage=cfg.stage, chunk_size=cfg.model.logits_chunk_size, z_loss=cfg.sft.z_loss,
-                     beta=cfg.dpo.beta, loss_type=cfg.dpo.loss, label_smoothing=cfg.dpo.label_smoothing,
-                     sft_weight=cfg.dpo.sft_weight, center_rewards_coefficient=cfg.rm.center_rewards_coefficient)
+    p = cfg.dpo
+    types, weights = dpo_losses(p)
+    dpo = PreferenceLoss(loss_types=types, loss_weights=weights, beta=p.beta, label_smoothing=p.label_smoothing,
+                         f_divergence=p.f_divergence_type, f_alpha=p.f_alpha_divergence_coef,
+                         discopop_tau=p.discopop_tau, ld_alpha=p.ld_alpha)
+    return Objective(stage=cfg.stage, chunk_size=cfg.model.logits_chunk_size, z_loss=cfg.sft.z_loss, dpo=dpo,
+                     center_rewards_coefficient=cfg.rm.center_rewards_coefficient)
 
 
 def lora_spec(cfg) -> LoraSpec | None:

@@ -208,7 +208,8 @@ class Trainer(RunCheckpoints):
         model is held during training. The examples are not changed: a token store gets a view with
         the log-probs beside it (a list is copied); the train iterator is rebuilt over it."""
         # Replicated: every process reads all log-probs and (shared-prompt layout) which pair each slot holds.
-        fn = jax.jit(lambda p, b: (reference_logps(nnx.merge(self.graphdef, p), b, self.objective.chunk_size),
+        fn = jax.jit(lambda p, b: (reference_logps(nnx.merge(self.graphdef, p), b, self.objective.chunk_size,
+                                                   self.objective.dpo.ld_alpha),
                                    b.get("pair_index")),
                      out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 

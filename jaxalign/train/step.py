@@ -20,7 +20,8 @@ from flax import nnx
 from jaxalign.models.logprobs import masked_sum, token_stats
 from jaxalign.models.lora import Adapted, LoraSpec
 from jaxalign.runtime.sharding import batch_sharding, constrain
-from jaxalign.train.losses import dpo_loss, reward_loss, sft_loss
+from jaxalign.train.dpo import PreferenceLoss, dpo_loss
+from jaxalign.train.losses import reward_loss, sft_loss
 
 Batch = dict[str, jax.Array]
 # Stages trained on pairs: 2B rows per batch of B pairs, chosen rows first (data/batching.py), unless
@@ -45,12 +46,43 @@ def pair_sums(values: jax.Array, batch: Batch) -> jax.Array:
     return jnp.stack(sides).reshape(-1)  # [2, rows, slots]: chosen of every slot, then rejected
 
 
-def sequence_logps(model, batch: Batch, chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
-    """([2N] summed completion log-probs, [2N] completion tokens) of a DPO batch, in either layout."""
+def token_logps(model, batch: Batch, chunk_size: int = 0) -> jax.Array:
+    """[rows, length] log-prob of each target token, in either layout."""
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
                                     branch_ids=batch.get("branch_ids"))
-    logp = token_stats(model, hidden, batch["targets"], chunk_size)["logp"]
-    return pair_sums(logp, batch), completion_tokens(batch)
+    return token_stats(model, hidden, batch["targets"], chunk_size)["logp"]
+
+
+def ld_token_weights(batch: Batch, ld_alpha: float) -> jax.Array:
+    """LD-DPO's [rows, length] token weights (TRL's `ld_alpha`): 1 on a reply's first min(|y+|, |y-|) tokens
+    of its pair, ld_alpha on the rest, so the longer reply's extra tokens count less."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if not is_shared(batch):
+        lengths = jnp.sum(mask, axis=1)
+        half = lengths.shape[0] // 2
+        shorter = jnp.tile(jnp.minimum(lengths[:half], lengths[half:]), 2)
+        return jnp.where(jnp.cumsum(mask, axis=1) <= shorter[:, None], 1.0, ld_alpha)
+    slots = batch["pair_index"].shape[1]
+
+    def row(m, seg, branch):  # per reply: its tokens' 1-based index and its length, by segment (pair slot)
+        index, lengths = jnp.zeros_like(m), []
+        for b in (1, 2):
+            mb = jnp.where(branch == b, m, 0)
+            count = jnp.cumsum(mb)
+            before = jax.ops.segment_min(count - mb, seg, num_segments=slots + 1)  # count is non-decreasing
+            index = jnp.where(branch == b, count - before[seg], index)
+            lengths.append(jax.ops.segment_sum(mb, seg, num_segments=slots + 1))
+        return jnp.where(index <= jnp.minimum(*lengths)[seg], 1.0, ld_alpha)
+
+    return jax.vmap(row)(mask, batch["segment_ids"], batch["branch_ids"])
+
+
+def sequence_logps(model, batch: Batch, chunk_size: int = 0, ld_alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """([2N] summed completion log-probs (LD-DPO: weighted), [2N] completion tokens) of a DPO batch, chosen
+    first, in either layout."""
+    logp = token_logps(model, batch, chunk_size)
+    weighted = logp if ld_alpha == 1.0 else logp * ld_token_weights(batch, ld_alpha)
+    return pair_sums(weighted, batch), completion_tokens(batch)
 
 
 def completion_tokens(batch: Batch) -> jax.Array:
@@ -77,10 +109,7 @@ class Objective:
     stage: str
     chunk_size: int = 0
     z_loss: float = 0.0
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
+    dpo: PreferenceLoss = PreferenceLoss()
     center_rewards_coefficient: float = 0.0
 
     def normalisers(self, batch: Batch) -> dict[str, jax.Array]:
@@ -95,7 +124,7 @@ class Objective:
     def __call__(self, model, batch: Batch, norms: dict[str, jax.Array],
                  ref_model=None) -> tuple[jax.Array, dict[str, jax.Array]]:
         if self.stage == "dpo":
-            return self.dpo(model, batch, norms, ref_model)
+            return self.preference(model, batch, norms, ref_model)
         hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
         if self.stage == "rm":
             pairs = batch["tokens"].shape[0] // 2
@@ -107,19 +136,25 @@ class Objective:
         return sft_loss(stats["logp"], stats["lse"], stats["correct"], batch["loss_mask"], norms["tokens"],
                         self.z_loss)
 
-    def dpo(self, model, batch: Batch, norms: dict[str, jax.Array], ref_model=None):
-        policy_logps, num_tokens = sequence_logps(model, batch, self.chunk_size)
-        ref_logps = batch_ref_logps(batch) if ref_model is None else reference_logps(ref_model, batch, self.chunk_size)
+    def preference(self, model, batch: Batch, norms: dict[str, jax.Array], ref_model=None):
+        spec = self.dpo
+        logp = token_logps(model, batch, self.chunk_size)
+        plain = pair_sums(logp, batch)
+        policy_logps = plain if not spec.length_desensitised else pair_sums(
+            logp * ld_token_weights(batch, spec.ld_alpha), batch)
+        ref_logps = (batch_ref_logps(batch) if ref_model is None
+                     else reference_logps(ref_model, batch, self.chunk_size, spec.ld_alpha))
+        num_tokens = completion_tokens(batch)
         pairs = policy_logps.shape[0] // 2
-        return dpo_loss(policy_logps, jax.lax.stop_gradient(ref_logps), num_tokens, norms["pairs"],
-                        beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                        sft_weight=self.sft_weight, chosen_nll_sum=-jnp.sum(policy_logps[:pairs]),
-                        chosen_tokens_total=norms["chosen_tokens"], valid=num_tokens[:pairs] > 0)
+        # The `sft` term is the NLL of the chosen replies' tokens, unweighted by LD-DPO.
+        return dpo_loss(policy_logps, jax.lax.stop_gradient(ref_logps), num_tokens, norms["pairs"], spec,
+                        chosen_nll_sum=-jnp.sum(plain[:pairs]), chosen_tokens_total=norms["chosen_tokens"],
+                        valid=num_tokens[:pairs] > 0)
 
 
-def reference_logps(ref_model, batch: Batch, chunk_size: int = 0) -> jax.Array:
-    """[2N] the reference's summed completion log-probs, chosen first (either layout)."""
-    return sequence_logps(ref_model, batch, chunk_size)[0]
+def reference_logps(ref_model, batch: Batch, chunk_size: int = 0, ld_alpha: float = 1.0) -> jax.Array:
+    """[2N] the reference's summed (LD-DPO: weighted) completion log-probs, chosen first (either layout)."""
+    return sequence_logps(ref_model, batch, chunk_size, ld_alpha)[0]
 
 
 def split_micro_batches(batch: Batch, k: int, paired: bool) -> Batch:

@@ -1,0 +1,146 @@
+"""Every DPO loss of TRL 1.16 (`DPOConfig.loss_type`), loss lists with `loss_weights` (MPO), f-DPO's
+divergences and LD-DPO's `ld_alpha`, trained side by side with TRL's DPOTrainer.
+
+Oracle: TRL's DPOTrainer from the same tiny HF Llama on the same tokenized HH-RLHF pairs (real Llama 2
+tokenizer), live reference, plain SGD, fp32 (bf16=False): every step's loss and TRL's metrics equal. jaxalign
+trains through its own config, loop and shared-prompt layout; TRL through its padded one.
+"""
+
+import gzip
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import yaml
+from tiny_runs import TINY_LLAMA, read_metrics
+
+from jaxalign.config import load_config
+from jaxalign.data.pipeline import load_examples
+from jaxalign.run.build import check_model_source
+from jaxalign.run.loop import train
+
+STEPS, PAIRS = 3, 4
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+# The SGD learning rate of each case: large enough that the policy leaves the reference in a step, small
+# enough that the squared losses (gradients ~1/β) do not diverge and amplify float noise.
+SQUARED_LR, LR = 0.02, 2.0
+# dpo section -> TRL's DPOConfig fields of the same name (dpo.loss is TRL's loss_type); lr: the case's SGD rate.
+CASES = {
+    "sigmoid": {"loss": "sigmoid"},
+    "hinge": {"loss": "hinge"},
+    "ipo": {"loss": "ipo", "lr": SQUARED_LR},
+    "exo_pair": {"loss": "exo_pair", "label_smoothing": 0.1},
+    "nca_pair": {"loss": "nca_pair"},
+    "robust": {"loss": "robust", "label_smoothing": 0.1},
+    "bco_pair": {"loss": "bco_pair"},
+    "sppo_hard": {"loss": "sppo_hard", "lr": SQUARED_LR},
+    "aot": {"loss": "aot", "label_smoothing": 0.1},
+    "aot_unpaired": {"loss": "aot_unpaired", "label_smoothing": 0.1},
+    "apo_zero": {"loss": "apo_zero"},
+    "apo_down": {"loss": "apo_down"},
+    "discopop": {"loss": "discopop", "discopop_tau": 0.5},
+    "sigmoid_norm": {"loss": "sigmoid_norm"},
+    "mpo_list": {"loss": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+    "f_forward_kl": {"loss": "sigmoid", "f_divergence_type": "forward_kl"},
+    "f_js": {"loss": ["ipo", "sigmoid_norm"], "f_divergence_type": "js_divergence", "lr": SQUARED_LR},
+    "f_alpha": {"loss": ["robust", "hinge"], "f_divergence_type": "alpha_divergence",
+                "f_alpha_divergence_coef": 0.3, "label_smoothing": 0.1, "lr": SQUARED_LR},
+    "ld_alpha": {"loss": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.3},
+}
+
+
+def _hh_pairs(shared_data: pathlib.Path, out: pathlib.Path, n: int) -> pathlib.Path:
+    """The first `n` short HH-RLHF pairs whose replies differ in length (LD-DPO weighs the difference)."""
+    rows = []
+    with gzip.open(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            if max(len(row["chosen"]), len(row["rejected"])) < 300 and len(row["chosen"]) != len(row["rejected"]):
+                rows.append(row)
+            if len(rows) == n:
+                break
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(shared_data, tmp_path_factory):
+    """A tiny random Llama saved by transformers, HH pairs, and the tokenized pairs TRL trains on."""
+    import torch
+    import transformers
+
+    root = tmp_path_factory.mktemp("objectives")
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"},
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(root / "hf")
+    base = {"stage": "dpo", "model": {"path": str(root / "hf")},
+            "tokenizer": {"path": str(shared_data / "llama2-tokenizer.model"), "chat_template": "plain"},
+            "data": {"train": str(_hh_pairs(shared_data, root / "pairs.jsonl", PAIRS)), "max_length": 128,
+                     "max_prompt_length": 96, "cache_dir": str(root / "cache")},
+            "train": {"batch_size": PAIRS, "max_steps": STEPS, "log_every": 1, "eval_every": 0},
+            "optimizer": {"name": "sgd", "b1": 0.0, "schedule": "constant", "max_grad_norm": 0.0,
+                          "weight_decay": 0.0},
+            "checkpoint": {"every_steps": 0}, "dpo": {"init_from": str(root / "hf"), "reference": "model"}}
+    cfg = _write(root, "probe", base, {})
+    _, tokenizer = check_model_source(cfg)
+    rows = [{k: list(e[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in load_examples(cfg, tokenizer)[0]]
+    assert len(rows) == PAIRS and all(r["chosen_ids"][-1] == 2 for r in rows)  # EOS-terminated, as TRL adds it
+    assert any(len(r["chosen_ids"]) != len(r["rejected_ids"]) for r in rows)
+    return root, base, rows
+
+
+def _write(root: pathlib.Path, name: str, base: dict, case: dict):
+    dpo = {k: v for k, v in case.items() if k != "lr"}
+    cfg = {**base, "output_dir": str(root / name), "dpo": {**base["dpo"], **dpo},
+           "optimizer": {**base["optimizer"], "lr": case.get("lr", LR)}}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    return load_config(root / f"{name}.yaml")
+
+
+def _trl_log(root: pathlib.Path, rows: list[dict], case: dict) -> list[dict]:
+    """TRL's DPOTrainer on the same tokenized pairs: the DPOConfig fields spelt as in the case's dpo section."""
+    import datasets
+    import tokenizers
+    import torch
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    class Pretokenized(DPOTrainer):  # the rows are already TRL's prompt_ids / chosen_ids / rejected_ids
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+    # The trainer only reads the pad and EOS tokens of its processing class: a three-token stand-in.
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                               eos_token="</s>", pad_token="<unk>")
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)  # noqa: E731
+    losses = case["loss"] if isinstance(case["loss"], list) else [case["loss"]]
+    fields = {k: v for k, v in case.items() if k not in ("loss", "ld_alpha", "lr")}
+    args = DPOConfig(output_dir=str(root / "trl"), per_device_train_batch_size=PAIRS, max_steps=STEPS,
+                     learning_rate=case.get("lr", LR), lr_scheduler_type="constant", optim="sgd", max_grad_norm=0.0,
+                     weight_decay=0.0, warmup_steps=0, bf16=False, fp16=False, logging_steps=1, report_to="none",
+                     save_strategy="no", use_cpu=True, seed=0, beta=0.1, loss_type=losses,
+                     ld_alpha=case.get("ld_alpha"), **fields)
+    trainer = Pretokenized(model=load(), ref_model=load(), args=args, processing_class=tok,
+                           train_dataset=datasets.Dataset.from_list(rows))
+    trainer.train()
+    return [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_equals_trl_dpo_trainer(setup, case):
+    root, base, rows = setup
+    summary = train(_write(root, case, base, CASES[case]))
+    assert summary["state"] == "finished" and summary["steps"] == STEPS
+    ours = read_metrics(root / case)[0]
+    theirs = _trl_log(root, rows, CASES[case])
+    assert len(theirs) == STEPS
+    for step, t in enumerate(theirs, start=1):
+        for key in METRICS:
+            np.testing.assert_allclose(ours[step][key], t[key], rtol=2e-5, atol=2e-6, err_msg=f"{case} step {step} {key}")
+        assert ours[step]["rewards/accuracies"] == pytest.approx(t["rewards/accuracies"], abs=1e-6), (case, step)
+    # the policy moved away from the reference, so the later steps compare losses off their step-0 values
+    assert abs(ours[STEPS]["rewards/margins"]) > 1e-3, ours[STEPS]
