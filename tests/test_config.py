@@ -162,6 +162,17 @@ def test_dpo_loss_lists_and_their_rules():
         load_config(None, ["dpo.loss=exo_pair"])
     with pytest.raises(JaxalignError, match=r"'dpo\.ld_alpha' must be in \[0, 1\]"):
         load_config(None, ["dpo.ld_alpha=1.5"])
+    # reference-free losses: auto means no reference; an explicit one is refused; ORPO holds its NLL term
+    from jaxalign.run.build import objective_from_config, reference_kind
+
+    cfg = load_config(None, ["stage=dpo", "dpo.loss=simpo"])
+    assert reference_kind(cfg) == "none" and objective_from_config(cfg).dpo.reference_free
+    assert reference_kind(load_config(None, ["stage=dpo", "dpo.reference=none"])) == "none"
+    assert not objective_from_config(load_config(None, ["stage=dpo"])).dpo.reference_free
+    with pytest.raises(JaxalignError, match=r"'dpo\.reference' must be none \(or auto\) for the simpo loss"):
+        load_config(None, ["dpo.loss=simpo", "dpo.reference=precomputed"])
+    with pytest.raises(JaxalignError, match=r"'dpo\.loss' orpo includes ORPO's NLL term .*drop sft"):
+        load_config(None, ["dpo.loss=[orpo, sft]"])
 
 
 def test_mesh_two_auto_axes_error():

@@ -1,9 +1,10 @@
 """Every DPO loss of TRL 1.16 (`DPOConfig.loss_type`), loss lists with `loss_weights` (MPO), f-DPO's
-divergences and LD-DPO's `ld_alpha`, trained side by side with TRL's DPOTrainer.
+divergences and LD-DPO's `ld_alpha`, trained side by side with TRL's DPOTrainer; and the reference-free
+objectives (CPO, SimPO, ORPO: `dpo.reference: none`) beside TRL's CPOTrainer and ORPOTrainer.
 
-Oracle: TRL's DPOTrainer from the same tiny HF Llama on the same tokenized HH-RLHF pairs (real Llama 2
-tokenizer), live reference, plain SGD, fp32 (bf16=False): every step's loss and TRL's metrics equal. jaxalign
-trains through its own config, loop and shared-prompt layout; TRL through its padded one.
+Oracle: TRL's trainers from the same tiny HF Llama on the same tokenized HH-RLHF pairs (real Llama 2
+tokenizer), plain SGD, fp32 (bf16=False): every step's loss and TRL's metrics equal. jaxalign trains through
+its own config, loop and shared-prompt layout; TRL through its padded one.
 """
 
 import gzip
@@ -51,6 +52,19 @@ CASES = {
 }
 
 
+# Reference-free: dpo section -> (TRL trainer, its config fields).
+FREE_CASES = {
+    "cpo": ({"loss": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "reference": "none"},
+            ("cpo", {"loss_type": "sigmoid", "cpo_alpha": 0.5})),
+    "cpo_hinge": ({"loss": "hinge", "reference": "none"}, ("cpo", {"loss_type": "hinge", "cpo_alpha": 0.0})),
+    "cpo_ipo": ({"loss": ["ipo", "sft"], "reference": "none", "lr": SQUARED_LR},
+                ("cpo", {"loss_type": "ipo", "cpo_alpha": 1.0})),
+    "simpo": ({"loss": "simpo", "simpo_gamma": 0.3, "label_smoothing": 0.1, "reference": "auto"},  # auto: none
+              ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.3, "label_smoothing": 0.1})),
+    "orpo": ({"loss": "orpo", "reference": "auto"}, ("orpo", {})),
+}
+
+
 def _hh_pairs(shared_data: pathlib.Path, out: pathlib.Path, n: int) -> pathlib.Path:
     """The first `n` short HH-RLHF pairs whose replies differ in length (LD-DPO weighs the difference)."""
     rows = []
@@ -92,6 +106,48 @@ def setup(shared_data, tmp_path_factory):
     return root, base, rows
 
 
+def _trl_free_log(root: pathlib.Path, rows: list[dict], trainer: str, fields: dict, lr: float) -> list[dict]:
+    """TRL's CPOTrainer or ORPOTrainer (no reference model) on the same tokenized pairs."""
+    import datasets
+    import torch
+    import transformers
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    config_cls, trainer_cls = (CPOConfig, CPOTrainer) if trainer == "cpo" else (ORPOConfig, ORPOTrainer)
+
+    class Pretokenized(trainer_cls):  # their tokenize_row's columns, from the rows' ids
+        def tokenize_row(self, feature, model=None):
+            p = feature["prompt_ids"]
+            out = {"prompt_input_ids": p, "prompt_attention_mask": [1] * len(p)}
+            for side in ("chosen", "rejected"):
+                ids = feature[f"{side}_ids"]
+                out |= {f"{side}_input_ids": p + ids, f"{side}_attention_mask": [1] * (len(p) + len(ids)),
+                        f"{side}_labels": [-100] * len(p) + ids}
+            return out
+
+    args = config_cls(output_dir=str(root / "trl"), per_device_train_batch_size=PAIRS, max_steps=STEPS,
+                      learning_rate=lr, lr_scheduler_type="constant", optim="sgd", max_grad_norm=0.0,
+                      weight_decay=0.0, warmup_steps=0, bf16=False, fp16=False, logging_steps=1, report_to="none",
+                      save_strategy="no", use_cpu=True, seed=0, beta=0.1, max_length=256,
+                      **fields)
+    data = datasets.Dataset.from_list([{"prompt": "", "chosen": "", "rejected": "", **r} for r in rows])
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
+    trainer = Pretokenized(model=model, args=args, processing_class=_stand_in_tokenizer(), train_dataset=data)
+    trainer.train()
+    return [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
+
+
+def _stand_in_tokenizer():
+    """The trainers only read the pad, BOS and EOS tokens of their processing class: a three-token stand-in."""
+    import tokenizers
+    import transformers
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="<unk>")
+
+
 def _write(root: pathlib.Path, name: str, base: dict, case: dict):
     dpo = {k: v for k, v in case.items() if k != "lr"}
     cfg = {**base, "output_dir": str(root / name), "dpo": {**base["dpo"], **dpo},
@@ -103,7 +159,6 @@ def _write(root: pathlib.Path, name: str, base: dict, case: dict):
 def _trl_log(root: pathlib.Path, rows: list[dict], case: dict) -> list[dict]:
     """TRL's DPOTrainer on the same tokenized pairs: the DPOConfig fields spelt as in the case's dpo section."""
     import datasets
-    import tokenizers
     import torch
     import transformers
     from trl import DPOConfig, DPOTrainer
@@ -112,10 +167,6 @@ def _trl_log(root: pathlib.Path, rows: list[dict], case: dict) -> list[dict]:
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset
 
-    # The trainer only reads the pad and EOS tokens of its processing class: a three-token stand-in.
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                               eos_token="</s>", pad_token="<unk>")
     load = lambda: transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)  # noqa: E731
     losses = case["loss"] if isinstance(case["loss"], list) else [case["loss"]]
     fields = {k: v for k, v in case.items() if k not in ("loss", "ld_alpha", "lr")}
@@ -124,23 +175,40 @@ def _trl_log(root: pathlib.Path, rows: list[dict], case: dict) -> list[dict]:
                      weight_decay=0.0, warmup_steps=0, bf16=False, fp16=False, logging_steps=1, report_to="none",
                      save_strategy="no", use_cpu=True, seed=0, beta=0.1, loss_type=losses,
                      ld_alpha=case.get("ld_alpha"), **fields)
-    trainer = Pretokenized(model=load(), ref_model=load(), args=args, processing_class=tok,
+    trainer = Pretokenized(model=load(), ref_model=load(), args=args, processing_class=_stand_in_tokenizer(),
                            train_dataset=datasets.Dataset.from_list(rows))
     trainer.train()
     return [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
 
 
+def _train(root: pathlib.Path, base: dict, case: str, section: dict) -> dict[int, dict]:
+    summary = train(_write(root, case, base, section))
+    assert summary["state"] == "finished" and summary["steps"] == STEPS
+    return read_metrics(root / case)[0]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_equals_trl_dpo_trainer(setup, case):
     root, base, rows = setup
-    summary = train(_write(root, case, base, CASES[case]))
-    assert summary["state"] == "finished" and summary["steps"] == STEPS
-    ours = read_metrics(root / case)[0]
-    theirs = _trl_log(root, rows, CASES[case])
+    _equal_steps(case, _train(root, base, case, CASES[case]), _trl_log(root, rows, CASES[case]), METRICS)
+
+
+@pytest.mark.parametrize("case", list(FREE_CASES))
+def test_reference_free_training_equals_trl_cpo_and_orpo_trainers(setup, case):
+    root, base, rows = setup
+    section, (trainer, fields) = FREE_CASES[case]
+    ours = _train(root, base, case, section)
+    theirs = _trl_free_log(root, rows, trainer, fields, section.get("lr", LR))
+    extra = ("nll_loss",) * ("sft" in section["loss"] or case == "orpo") + ("log_odds_ratio", "log_odds_chosen") * (
+        case == "orpo")
+    _equal_steps(case, ours, theirs, METRICS + extra)
+
+
+def _equal_steps(case: str, ours: dict[int, dict], theirs: list[dict], keys: tuple[str, ...]) -> None:
     assert len(theirs) == STEPS
     for step, t in enumerate(theirs, start=1):
-        for key in METRICS:
+        for key in keys:
             np.testing.assert_allclose(ours[step][key], t[key], rtol=2e-5, atol=2e-6, err_msg=f"{case} step {step} {key}")
         assert ours[step]["rewards/accuracies"] == pytest.approx(t["rewards/accuracies"], abs=1e-6), (case, step)
-    # the policy moved away from the reference, so the later steps compare losses off their step-0 values
-    assert abs(ours[STEPS]["rewards/margins"]) > 1e-3, ours[STEPS]
+    # the policy moved, so the later steps compare losses off their step-0 values
+    assert abs(ours[STEPS]["rewards/margins"] - ours[1]["rewards/margins"]) > 1e-3, ours[STEPS]

@@ -177,3 +177,29 @@ def test_sorted_losses_sort_real_pairs_only(loss_type):
     grad = jax.grad(lambda p: dpo_loss(p, jnp.asarray(REF), jnp.asarray(LENGTHS), jnp.asarray(1), spec(loss_type),
                                        valid=jnp.asarray([True, False]))[0])(jnp.asarray(POLICY))
     assert np.all(np.isfinite(np.asarray(grad))) and float(grad[1]) == 0.0 and float(grad[3]) == 0.0
+
+
+def test_reference_free_simpo_and_orpo_by_hand():
+    """CPO/SimPO/ORPO (TRL's CPOTrainer, ORPOTrainer): no reference, so the log-ratios are the policy's log-probs;
+    rewards and logps/* are token means for the length-normalised losses, as those trainers log them."""
+    free = dict(policy=POLICY, ref=np.zeros(4, np.float32), reference_free=True)
+    mean_c, mean_r = PC / LENGTHS[:2], PR / LENGTHS[2:]
+    loss, m = run("simpo", EPS, simpo_gamma=0.3, **free)
+    z = BETA * (mean_c - mean_r) - 0.3
+    assert loss == pytest.approx(float(np.mean(-(1 - EPS) * logsig(z) - EPS * logsig(-z))), rel=1e-5)
+    assert m["rewards/chosen"] == pytest.approx(BETA * mean_c.mean(), rel=1e-5)
+    assert m["logps/rejected"] == pytest.approx(mean_r.mean(), rel=1e-5)
+    # ORPO: NLL - λ log σ(log odds ratio), log odds(y) = ℓ - log(1 - e^ℓ) of the token-mean log-prob ℓ; the NLL's
+    # sum and count (prompt and chosen reply) come from the step
+    (loss, m), nll = (dpo_loss(jnp.asarray(POLICY), jnp.zeros(4), jnp.asarray(LENGTHS), jnp.asarray(2),
+                               spec("orpo", reference_free=True),
+                               chosen_nll_sum=jnp.asarray(30.0), chosen_tokens_total=jnp.asarray(9)), 30.0 / 9)
+    log_odds = (mean_c - mean_r) - (np.log1p(-np.exp(mean_c)) - np.log1p(-np.exp(mean_r)))
+    assert float(loss) == pytest.approx(nll - BETA * float(np.mean(logsig(log_odds))), rel=1e-5)
+    assert float(m["log_odds_chosen"]) == pytest.approx(float(log_odds.mean()), rel=1e-5)
+    assert float(m["log_odds_ratio"]) == pytest.approx(float(np.mean(logsig(log_odds))), rel=1e-5)
+    assert float(m["rewards/margins"]) == pytest.approx(BETA * float(np.mean(mean_c - mean_r)), rel=1e-5)
+    # CPO: sigmoid on the policy's summed log-probs; rewards from the sums
+    loss, m = run("sigmoid", **free)
+    assert loss == pytest.approx(float(np.mean(-logsig(BETA * (PC - PR)))), rel=1e-5)
+    assert m["rewards/chosen"] == pytest.approx(BETA * PC.mean(), rel=1e-5)

@@ -56,6 +56,11 @@ def test_flops_and_step_time_follow_the_written_formulas():
     assert p.flops["total"] == pytest.approx(6 * n * tokens + attention + reference)
     assert p.step_seconds == pytest.approx(p.flops["total"] / (32 * 459e12 * 0.4))
     assert p.fits and p.memory["reference"] == p.memory["params"]
+    # a reference-free objective (SimPO) holds and runs no reference
+    free = plan(load_config("configs/real/llama3.1-8b-dpo.yaml", ["dpo.loss=simpo", "dpo.reference=none"]),
+                accelerator="v5p", suggest=False, lower=False)
+    assert free.reference == "none" and free.memory["reference"] == 0
+    assert free.flops["total"] == pytest.approx(6 * n * tokens + attention)
     # fp32 AdamW state is twice the fp32 parameters, each sharded 32 ways
     assert p.memory["opt_state"] == pytest.approx(2 * p.memory["params"], rel=1e-3)
     assert p.memory["params"] == pytest.approx(mc.num_params * 4 / 32, rel=0.01)

@@ -8,7 +8,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from jaxalign.config.schema import F_DIVERGENCE_LOSSES, LORA_TARGETS, SMOOTHED_LOSSES, SOURCE_KEYS
+from jaxalign.config.schema import (
+    F_DIVERGENCE_LOSSES,
+    LORA_TARGETS,
+    REFERENCE_FREE_LOSSES,
+    SMOOTHED_LOSSES,
+    SOURCE_KEYS,
+)
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import is_remote
 from jaxalign.runtime.sharding import MESH_AXES
@@ -201,6 +207,11 @@ def _dpo_checks(c: dict, need) -> None:
     need(p["discopop_tau"] > 0, "dpo.discopop_tau", "must be > 0")
     need("exo_pair" not in types or p["label_smoothing"] > 0, "dpo.label_smoothing",
          "must be > 0 for the exo_pair loss (its paper recommends 1e-3)")
+    free = [t for t in types if t in REFERENCE_FREE_LOSSES]
+    need(not free or p["reference"] in ("auto", "none"), "dpo.reference",
+         f"must be none (or auto) for the {', '.join(free)} loss, which is defined without a reference model")
+    need("orpo" not in types or "sft" not in types, "dpo.loss", "orpo includes ORPO's NLL term (of the prompt and "
+         "chosen reply, as TRL's ORPOTrainer): drop sft from the list")
     off = [t for t in types if t not in F_DIVERGENCE_LOSSES]
     need(p["f_divergence_type"] == "reverse_kl" or not off, "dpo.f_divergence_type",
          f"{p['f_divergence_type']} applies to the losses {', '.join(F_DIVERGENCE_LOSSES)} only, not {off}: "

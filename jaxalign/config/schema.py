@@ -28,12 +28,14 @@ _DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # TRL 1.16's DPOConfig.loss_type names and f_divergence_type names (definitions: jaxalign/train/dpo.py).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "orpo")
+# Defined without a reference model (TRL's CPOTrainer and ORPOTrainer): dpo.reference auto means none.
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # f-DPO leaves a β·log Z(x) term that cancels only in the chosen - rejected difference of scores (TRL's rule).
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 # The losses label_smoothing enters (sigmoid as conservative DPO, as TRL did before 1.0).
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,13 +219,16 @@ SCHEMA: dict[str, Any] = {
         "f_alpha_divergence_coef": F(0.5, "alpha of f_divergence_type=alpha_divergence"),
         "discopop_tau": F(0.05, "temperature of the discopop loss's mixing"),
         "ld_alpha": F(1.0, "LD-DPO: weight of reply tokens past the shorter reply's length, in [0, 1]; 1 = off"),
+        "simpo_gamma": F(0.5, "SimPO's target reward margin (TRL's simpo_gamma)"),
         "sft_weight": F(0.0, "old spelling of an sft term: sft_weight w means dpo.loss [<loss>, sft] with "
                         "dpo.loss_weights [1, w]; 0 = off"),
         "share_prompt": F(True, "lay a pair out as prompt, chosen, rejected in one row (the prompt computed once; "
                           "each reply attends to the prompt and itself); false = two padded rows per pair"),
         "reference": F("auto", "frozen reference: model = a second copy; adapters_off = with lora, the base "
-                       "without the adapters (no copy); precomputed = log-probs scored once; auto = "
-                       "adapters_off with lora, else model", ("auto", "model", "adapters_off", "precomputed")),
+                       "without the adapters (no copy); precomputed = log-probs scored once; none = no reference "
+                       "(CPO, SimPO, ORPO: the log-ratios are the policy's log-probs); auto = none for the "
+                       "simpo and orpo losses, else adapters_off with lora, else model",
+                       ("auto", "model", "adapters_off", "precomputed", "none")),
         "init_from": F("", "SFT run dir or checkpoint to start from (and use as reference)"),
         "overrides": F({}, "config keys set for the DPO stage of `jaxalign pipeline`, e.g. {train: {max_steps: 50}}"),
     },

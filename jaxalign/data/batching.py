@@ -137,6 +137,7 @@ def shared_batch(rows: Sequence[Sequence[tuple[int, Mapping]]], length: int, slo
             if end > length:
                 raise JaxalignError(f"row {r}: pairs of {end} tokens exceed the row length {length}")
             batch["tokens"][r, at:at + p - 1] = prompt[:-1]
+            batch["targets"][r, at:at + p - 1] = prompt[1:]  # not trained; ORPO's NLL counts the prompt
             batch["positions"][r, at:at + p - 1] = np.arange(p - 1)
             at += p - 1
             for branch, side in ((1, "chosen_ids"), (2, "rejected_ids")):

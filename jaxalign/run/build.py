@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxalign.checkpoint import model_io
 from jaxalign.config.checks import dpo_losses
+from jaxalign.config.schema import REFERENCE_FREE_LOSSES
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model, init_model
@@ -41,7 +42,8 @@ def objective_from_config(cfg) -> Objective:
     types, weights = dpo_losses(p)
     dpo = PreferenceLoss(loss_types=types, loss_weights=weights, beta=p.beta, label_smoothing=p.label_smoothing,
                          f_divergence=p.f_divergence_type, f_alpha=p.f_alpha_divergence_coef,
-                         discopop_tau=p.discopop_tau, ld_alpha=p.ld_alpha)
+                         discopop_tau=p.discopop_tau, ld_alpha=p.ld_alpha, simpo_gamma=p.simpo_gamma,
+                         reference_free=reference_kind(cfg) == "none")
     return Objective(stage=cfg.stage, chunk_size=cfg.model.logits_chunk_size, z_loss=cfg.sft.z_loss, dpo=dpo,
                      center_rewards_coefficient=cfg.rm.center_rewards_coefficient)
 
@@ -64,11 +66,13 @@ def quant_spec(cfg) -> QuantSpec | None:
 
 
 def reference_kind(cfg) -> str | None:
-    """DPO's reference: "model" (a frozen copy), "adapters_off" (LoRA: the base itself, no copy) or
-    "precomputed" (log-probs scored once); None for SFT."""
+    """DPO's reference: "model" (a frozen copy), "adapters_off" (LoRA: the base itself, no copy),
+    "precomputed" (log-probs scored once) or "none" (reference-free losses); None for SFT."""
     if cfg.stage != "dpo":
         return None
     if cfg.dpo.reference == "auto":
+        if any(t in REFERENCE_FREE_LOSSES for t in dpo_losses(cfg.dpo)[0]):
+            return "none"
         return "adapters_off" if cfg.lora.enabled else "model"
     return cfg.dpo.reference
 

@@ -30,6 +30,10 @@ class PreferenceLoss:
     f_alpha: float = 0.5  # f_alpha_divergence_coef
     discopop_tau: float = 0.05
     ld_alpha: float = 1.0  # LD-DPO: weight of the reply tokens past the shorter reply's length; 1 = off
+    simpo_gamma: float = 0.5  # SimPO's target margin
+    # No reference (CPO, SimPO, ORPO): the log-ratios are the policy's log-probs, and the rewards and logps/*
+    # metrics are TRL's CPO/ORPO trainers': token means where a loss is length-normalised, else sums.
+    reference_free: bool = False
 
     def __post_init__(self):
         unknown = [t for t in self.loss_types if t not in LOSS_TYPES]
@@ -39,6 +43,10 @@ class PreferenceLoss:
     @property
     def length_desensitised(self) -> bool:
         return self.ld_alpha != 1.0
+
+    @property
+    def mean_rewards(self) -> bool:
+        return self.reference_free and any(t in ("ipo", "simpo", "orpo") for t in self.loss_types)
 
 
 def f_scores(logratios: jax.Array, kind: str, alpha: float = 0.5) -> jax.Array:
@@ -52,6 +60,16 @@ def f_scores(logratios: jax.Array, kind: str, alpha: float = 0.5) -> jax.Array:
     if kind == "alpha_divergence":  # clamped as TRL does, so exp stays finite
         return (jnp.exp(jnp.minimum((alpha - 1.0) * logratios, 80.0)) - 1.0) / (alpha - 1.0)
     raise ValueError(f"unknown f-divergence {kind!r}; expected one of {F_DIVERGENCES}")
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - e^x) for x < 0, on the branch that avoids cancellation (at -ln 2, as TRL's ORPO)."""
+    return jnp.where(x < -math.log(2), jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
+
+
+def _log_odds(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
+    """log(odds(y+) / odds(y-)) with odds(y) = p / (1 - p) of token-mean log-probs."""
+    return (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
 
 
 def _sorted_difference(a: jax.Array, b: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -82,10 +100,15 @@ def pair_losses(kind: str, spec: PreferenceLoss, chosen_ratio: jax.Array, reject
         return (-(1 - eps) * ls(z) + eps * ls(-z)) / (1 - 2 * eps), valid
     if kind == "hinge":
         return jax.nn.relu(1 - z), valid
-    if kind in ("ipo", "sigmoid_norm"):  # scores averaged over each reply's tokens
-        n = jnp.maximum(lengths, 1).astype(jnp.float32)
+    n = jnp.maximum(lengths, 1).astype(jnp.float32)
+    if kind in ("ipo", "sigmoid_norm", "simpo"):  # scores averaged over each reply's tokens
         mean_delta = cs / n[:b] - rs / n[b:]
+        if kind == "simpo":  # CPO's form: β · mean delta - γ, label-smoothed
+            m = beta * mean_delta - spec.simpo_gamma
+            return -(1 - eps) * ls(m) - eps * ls(-m), valid
         return (jnp.square(mean_delta - 1 / (2 * beta)) if kind == "ipo" else -ls(beta * mean_delta)), valid
+    if kind == "orpo":  # -λ log σ(log odds ratio) of the token-mean log-probs; λ is β (TRL's ORPO; + its NLL)
+        return -beta * ls(_log_odds(chosen_ratio / n[:b], rejected_ratio / n[b:])), valid
     if kind == "exo_pair":  # KL(softmax of the two rewards || (1 - ε, ε))
         return jax.nn.sigmoid(z) * (ls(z) - math.log1p(-eps)) + jax.nn.sigmoid(-z) * (ls(-z) - math.log(eps)), valid
     if kind == "nca_pair":
@@ -117,7 +140,8 @@ def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, num_tokens: jax.Arra
 
     policy_logps, ref_logps, num_tokens: [2B] summed (LD-DPO: weighted) completion log-probs and completion
     lengths, chosen first (row i and B + i form a pair). `num_pairs` counts the pairs of the whole batch.
-    The `sft` term is chosen_nll_sum / chosen_tokens_total: the token-mean NLL of the batch's chosen replies.
+    The `sft` term is chosen_nll_sum / chosen_tokens_total: the token-mean NLL of the batch's chosen replies
+    (for `orpo`, which includes it, of the prompts and chosen replies, as TRL's ORPOTrainer counts it).
     `valid` [B] marks real pairs; padding pairs (an eval batch's tail, empty slots) contribute nothing.
     """
     b = policy_logps.shape[0] // 2
@@ -128,13 +152,21 @@ def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, num_tokens: jax.Arra
     mean = lambda x, weight=w: jnp.sum(x * weight.astype(jnp.float32)) / n  # noqa: E731
     loss, metrics = jnp.float32(0.0), {}
     for kind, weight in zip(spec.loss_types, spec.loss_weights):
-        if kind == "sft":
+        if kind in ("sft", "orpo"):  # ORPO is its odds-ratio term plus this NLL (of prompt and reply: see step.py)
             nll = chosen_nll_sum / jnp.maximum(chosen_tokens_total, 1).astype(jnp.float32)
             loss, metrics["nll_loss"] = loss + weight * nll, nll
-            continue
-        losses, places = pair_losses(kind, spec, chosen_ratio, rejected_ratio, num_tokens, policy_logps, ref_logps, w)
-        loss = loss + weight * mean(losses, places)
-    # Rewards always come from the log-ratios, whatever the loss and f-divergence.
+        if kind != "sft":
+            losses, places = pair_losses(kind, spec, chosen_ratio, rejected_ratio, num_tokens, policy_logps,
+                                         ref_logps, w)
+            loss = loss + weight * mean(losses, places)
+    # Rewards come from the log-ratios whatever the loss and f-divergence (reference-free: see mean_rewards).
+    if spec.mean_rewards:
+        per_token = jnp.maximum(num_tokens, 1).astype(jnp.float32)
+        chosen_ratio, rejected_ratio = chosen_ratio / per_token[:b], rejected_ratio / per_token[b:]
+        policy_logps = policy_logps / per_token
+    if "orpo" in spec.loss_types:
+        log_odds = _log_odds(chosen_ratio, rejected_ratio)
+        metrics |= {"log_odds_ratio": mean(jax.nn.log_sigmoid(log_odds)), "log_odds_chosen": mean(log_odds)}
     chosen_rewards, rejected_rewards = spec.beta * chosen_ratio, spec.beta * rejected_ratio
     return loss, {
         "rewards/chosen": mean(chosen_rewards),

@@ -53,6 +53,17 @@ def token_logps(model, batch: Batch, chunk_size: int = 0) -> jax.Array:
     return token_stats(model, hidden, batch["targets"], chunk_size)["logp"]
 
 
+def prompt_targets(batch: Batch) -> jax.Array:
+    """[rows, length] the positions predicting a prompt token of a pair (once per pair; chosen rows only in
+    the padded layout): with the chosen reply's tokens, what TRL's ORPO counts in its NLL."""
+    seg = batch["segment_ids"]
+    if is_shared(batch):
+        return (batch["branch_ids"] == 0) & (seg > 0)
+    has_target = (seg > 0) & jnp.pad(seg[:, 1:] == seg[:, :-1], ((0, 0), (0, 1)))
+    chosen_rows = jnp.arange(seg.shape[0]) < seg.shape[0] // 2
+    return has_target & ~batch["loss_mask"].astype(bool) & chosen_rows[:, None]
+
+
 def ld_token_weights(batch: Batch, ld_alpha: float) -> jax.Array:
     """LD-DPO's [rows, length] token weights (TRL's `ld_alpha`): 1 on a reply's first min(|y+|, |y-|) tokens
     of its pair, ld_alpha on the rest, so the longer reply's extra tokens count less."""
@@ -119,7 +130,10 @@ class Objective:
         # Padding pairs (an eval batch's tail, empty slots) have no completion tokens and do not count.
         counts = completion_tokens(batch)
         chosen = counts[:counts.shape[0] // 2]
-        return {"pairs": jnp.sum((chosen > 0).astype(jnp.int32)), "chosen_tokens": jnp.sum(chosen)}
+        norms = {"pairs": jnp.sum((chosen > 0).astype(jnp.int32)), "chosen_tokens": jnp.sum(chosen)}
+        if "orpo" in self.dpo.loss_types:  # ORPO's NLL: prompt and chosen reply
+            norms["chosen_sequence_tokens"] = norms["chosen_tokens"] + jnp.sum(prompt_targets(batch).astype(jnp.int32))
+        return norms
 
     def __call__(self, model, batch: Batch, norms: dict[str, jax.Array],
                  ref_model=None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -142,13 +156,20 @@ class Objective:
         plain = pair_sums(logp, batch)
         policy_logps = plain if not spec.length_desensitised else pair_sums(
             logp * ld_token_weights(batch, spec.ld_alpha), batch)
-        ref_logps = (batch_ref_logps(batch) if ref_model is None
-                     else reference_logps(ref_model, batch, self.chunk_size, spec.ld_alpha))
+        if spec.reference_free:
+            ref_logps = jnp.zeros_like(policy_logps)
+        elif ref_model is None:
+            ref_logps = batch_ref_logps(batch)
+        else:
+            ref_logps = reference_logps(ref_model, batch, self.chunk_size, spec.ld_alpha)
         num_tokens = completion_tokens(batch)
         pairs = policy_logps.shape[0] // 2
-        # The `sft` term is the NLL of the chosen replies' tokens, unweighted by LD-DPO.
-        return dpo_loss(policy_logps, jax.lax.stop_gradient(ref_logps), num_tokens, norms["pairs"], spec,
-                        chosen_nll_sum=-jnp.sum(plain[:pairs]), chosen_tokens_total=norms["chosen_tokens"],
+        # The `sft` term is the NLL of the chosen replies' tokens, unweighted by LD-DPO; ORPO's adds the prompt's.
+        nll = {"chosen_nll_sum": -jnp.sum(plain[:pairs]), "chosen_tokens_total": norms["chosen_tokens"]}
+        if "orpo" in spec.loss_types:
+            nll = {"chosen_nll_sum": nll["chosen_nll_sum"] - jnp.sum(jnp.where(prompt_targets(batch), logp, 0)),
+                   "chosen_tokens_total": norms["chosen_sequence_tokens"]}
+        return dpo_loss(policy_logps, jax.lax.stop_gradient(ref_logps), num_tokens, norms["pairs"], spec, **nll,
                         valid=num_tokens[:pairs] > 0)
 
 
