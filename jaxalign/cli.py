@@ -103,7 +103,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "near-identical pairs (DPO), and one decoded example with trained tokens "
                                      "marked [[like this]].")
     _add_config_args(q)
-    q.add_argument("--stage", choices=["sft", "dpo"], default="", help="inspect as this stage, with its {stage}.overrides (default: the config's)")
+    q.add_argument("--stage", choices=["sft", "dpo", "kto"], default="", help="inspect as this stage, with its {stage}.overrides (default: the config's)")
     _COMMANDS["data"] = _data
 
 

@@ -58,7 +58,8 @@ def jax_cache() -> dict:
 # the two workers then finish together. In collection order the pipeline file, a quarter of the
 # suite, started halfway through and ran on alone after everything else had finished.
 LONGEST_FIRST = ("test_pipeline.py", "test_train_loop.py", "test_multihost_train.py", "test_run_lifecycle.py",
-                 "test_qlora_train.py", "test_reliability.py", "test_lora_train.py", "test_train_step.py")
+                 "test_qlora_train.py", "test_reliability.py", "test_dpo_objectives.py", "test_lora_train.py",
+                 "test_train_step.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -136,7 +136,7 @@ def test_bad_choice_lists_choices():
     assert "'dpo.loss'" in msg and "'kto'" in msg
     for choice in ("sigmoid", "ipo", "hinge", "robust"):
         assert f"'{choice}'" in msg
-    with pytest.raises(JaxalignError, match=r"'stage' must be one of 'sft', 'dpo', 'rm'; got 'ppo'"):
+    with pytest.raises(JaxalignError, match=r"'stage' must be one of 'sft', 'dpo', 'rm', 'kto'; got 'ppo'"):
         load_config(None, ["stage=ppo"])
 
 

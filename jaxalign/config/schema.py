@@ -31,6 +31,8 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "orpo")
 # Defined without a reference model (TRL's CPOTrainer and ORPOTrainer): dpo.reference auto means none.
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+# The stages that start from dpo.init_from beside a frozen reference (dpo.reference), on preference data.
+PREFERENCE_STAGES = ("dpo", "kto")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # f-DPO leaves a β·log Z(x) term that cancels only in the chosen - rejected difference of scores (TRL's rule).
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
@@ -64,8 +66,8 @@ class Field:
 F = Field
 
 SCHEMA: dict[str, Any] = {
-    "stage": F("sft", "which stage this run trains: sft, dpo, or rm (a Bradley-Terry reward model on the "
-               "preference data)", ("sft", "dpo", "rm")),
+    "stage": F("sft", "which stage this run trains: sft, dpo, kto (unpaired preferences), or rm (a Bradley-Terry "
+               "reward model on the preference data)", ("sft", "dpo", "rm", "kto")),
     "output_dir": F("runs/default", "run dir: config.yaml, metrics.jsonl, checkpoints/, eval/"),
     "run_name": F("", "name shown in logs and reports; '' = basename of output_dir"),
     "model": {
@@ -231,6 +233,12 @@ SCHEMA: dict[str, Any] = {
                        ("auto", "model", "adapters_off", "precomputed", "none")),
         "init_from": F("", "SFT run dir or checkpoint to start from (and use as reference)"),
         "overrides": F({}, "config keys set for the DPO stage of `jaxalign pipeline`, e.g. {train: {max_steps: 50}}"),
+    },
+    "kto": {  # with the dpo section's beta, reference, init_from and share_prompt
+        "loss_type": F("kto", "kto, or apo_zero_unpaired (no KL reference point); TRL's KTOConfig.loss_type",
+                       ("kto", "apo_zero_unpaired")),
+        "desirable_weight": F(1.0, "weight of the desirable examples' losses (TRL's desirable_weight)"),
+        "undesirable_weight": F(1.0, "weight of the undesirable examples' losses (TRL's undesirable_weight)"),
     },
     "rm": {
         "center_rewards_coefficient": F(0.0, "weight of (r+ + r-)^2 in the reward model's loss (TRL's; keeps "

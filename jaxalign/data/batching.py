@@ -18,7 +18,8 @@ predicted inside its own branch, and attention (models/attention.py) lets a bran
 prompt and itself, never the other reply: each reply's log-probs are those of prompt + reply alone.
 Several pairs may share a row (data.packing), each its own segment. A row has `slots` pair slots:
 `pair_index` [rows, slots] names the batch's pair in each (-1: empty), in segment order, and per-pair
-arrays (`ref_logps`) are [rows, slots, 2] (chosen, rejected), so every array is split by rows.
+arrays (`ref_logps`) are [rows, slots, 2] (chosen, rejected), KTO's `label` [rows, slots], so every array is
+split by rows.
 """
 
 from __future__ import annotations
@@ -86,13 +87,14 @@ def dpo_ref_logps(pairs: Sequence[Mapping], num_pairs: int | None = None) -> np.
     return out
 
 
-def pair_margins(pairs: Sequence[Mapping], num_pairs: int | None = None) -> np.ndarray | None:
-    """[2 * num_pairs] each pair's `margin` on both its rows (the reward model's loss), or None without one."""
-    if not pairs or "margin" not in pairs[0]:
+def pair_scalars(pairs: Sequence[Mapping], key: str, num_pairs: int | None = None) -> np.ndarray | None:
+    """[2 * num_pairs] each pair's `key` on both its rows (the reward model's `margin`, KTO's `label`), or None
+    without one."""
+    if not pairs or key not in pairs[0]:
         return None
     num_pairs = len(pairs) if num_pairs is None else num_pairs
     out = np.zeros(2 * num_pairs, np.float32)
-    out[:len(pairs)] = out[num_pairs:num_pairs + len(pairs)] = [p["margin"] for p in pairs]
+    out[:len(pairs)] = out[num_pairs:num_pairs + len(pairs)] = [p[key] for p in pairs]
     return out
 
 
@@ -125,6 +127,8 @@ def shared_batch(rows: Sequence[Sequence[tuple[int, Mapping]]], length: int, slo
     if with_ref is None:
         with_ref = any("ref_chosen_logp" in pair for row in rows for _, pair in row)
     ref = np.zeros((num_rows, slots, 2), np.float32)
+    with_label = any("label" in pair for row in rows for _, pair in row)  # KTO: [rows, slots]
+    label = np.zeros((num_rows, slots), np.float32)
     for r, row in enumerate(rows):
         if len(row) > slots:
             raise JaxalignError(f"row {r}: {len(row)} pairs exceed its {slots} pair slots")
@@ -153,7 +157,9 @@ def shared_batch(rows: Sequence[Sequence[tuple[int, Mapping]]], length: int, slo
             batch["pair_index"][r, s] = index
             if with_ref:
                 ref[r, s] = pair["ref_chosen_logp"], pair["ref_rejected_logp"]
-    return batch | {"ref_logps": ref} if with_ref else batch
+            if with_label:
+                label[r, s] = pair["label"]
+    return batch | ({"ref_logps": ref} if with_ref else {}) | ({"label": label} if with_label else {})
 
 
 def by_pair(values: np.ndarray, pair_index: np.ndarray | None, num_pairs: int) -> np.ndarray:

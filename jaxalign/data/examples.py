@@ -100,11 +100,19 @@ def tokenize_sft_example(example: SFTExample, tok: Tokenizer, settings: Tokenize
 
 def tokenize_preference_example(pref: Preference, tok: Tokenizer, settings: TokenizeSettings) -> tuple[dict, dict]:
     """({"prompt_ids", "chosen_ids", "rejected_ids"}, flags); raises BadRow or Dropped."""
-    prompt_text, prompt = _prompt_text_and_ids(tok, pref.prompt)
+    prompt, (chosen, rejected), flags = tokenize_replies(pref.prompt, (pref.chosen, pref.rejected), tok, settings)
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, flags
+
+
+def tokenize_replies(prompt_in, replies, tok: Tokenizer, settings: TokenizeSettings) -> tuple[list, list, dict]:
+    """(prompt ids, each reply's ids, flags) of replies to one prompt (strings, or message tuples rendered by the
+    chat template), truncated to max_length together; raises BadRow or Dropped."""
+    conversational = not isinstance(prompt_in, str)
+    prompt_text, prompt = _prompt_text_and_ids(tok, prompt_in)
     completions, mismatches = [], 0
-    for side in (pref.chosen, pref.rejected):
-        if pref.conversational:
-            full = _render(tok, pref.prompt + side)
+    for side in replies:
+        if conversational:
+            full = _render(tok, prompt_in + side)
             if not full.startswith(prompt_text):
                 raise BadRow("template_error", "the chat template renders the prompt differently when a reply follows")
             # Up to the end-of-turn marker: a model stops there, so whitespace after it is never generated.
@@ -115,13 +123,12 @@ def tokenize_preference_example(pref: Preference, tok: Tokenizer, settings: Toke
             ids = _with_eos(ids, tok)
         completions.append(ids)
         mismatches += mismatch
-    chosen, rejected = completions
     prompt, truncated_prompt = _truncate_prompt(prompt, settings)
-    room = settings.max_length - len(prompt) if settings.max_length > 0 else max(len(chosen), len(rejected))
-    room = max(room, 0)
-    truncated_completion = len(chosen) > room or len(rejected) > room
-    chosen, rejected = chosen[:room], rejected[:room]
-    if not chosen or not rejected:
+    longest = max(len(c) for c in completions)
+    room = max(settings.max_length - len(prompt) if settings.max_length > 0 else longest, 0)
+    truncated_completion = longest > room
+    completions = [c[:room] for c in completions]
+    if not all(completions):
         raise Dropped(
             "completion_truncated_away",
             f"the prompt ({len(prompt)} tokens after truncation) leaves no room for the completions within "
@@ -129,7 +136,7 @@ def tokenize_preference_example(pref: Preference, tok: Tokenizer, settings: Toke
         )
     flags = {"_truncated_prompt": truncated_prompt, "_truncated_completion": truncated_completion,
              "_prompt_not_prefix": mismatches}
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, flags
+    return prompt, completions, flags
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -9,6 +9,7 @@
 | `sharegpt`          | conversations: [{from, value}]           | Conversation                         |
 | `text`              | text                                     | Text                                 |
 | `preference`        | chosen, rejected (+ prompt)              | see `jaxalign.data.preference`       |
+| `unpaired`          | prompt, completion, label (KTO's, TRL's) | see `jaxalign.data.preference`       |
 
 Alpaca rows become a two-turn conversation (user = instruction, then a blank line and the
 input if there is one), so they go through the same chat template as every other chat row.
@@ -24,13 +25,14 @@ from typing import Any, Iterable
 
 from jaxalign.errors import JaxalignError
 
-FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text", "preference")
+FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text", "preference", "unpaired")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 # Columns that identify each format, in detection order (first match wins).
 _REQUIRED = {
     "preference": ("chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
@@ -106,6 +108,11 @@ def resolve_format(
             f"stage dpo needs preference rows (chosen, rejected, optional prompt) but the data is {fmt!r} "
             f"(columns {columns})"
         )
+    if stage == "kto" and fmt not in ("preference", "unpaired"):
+        raise JaxalignError(f"stage kto needs unpaired rows (prompt, completion, label) or preference rows (chosen, "
+                            f"rejected: each a row of its own) but the data is {fmt!r} (columns {columns})")
+    if stage == "sft" and fmt == "unpaired":
+        raise JaxalignError("the data has unpaired rows (prompt, completion, label): KTO's data; use stage: kto")
     if stage == "sft" and fmt == "preference" and not sft_from_preference:
         raise JaxalignError(
             "the data has preference rows (chosen/rejected); set data.sft_from_preference: true to train SFT "

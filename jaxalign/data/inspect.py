@@ -206,7 +206,7 @@ def _dpo_report(pairs: Sequence[Mapping], tokenizer: Any, cfg_data: Any) -> list
 
 def inspect_data(examples: Sequence[Mapping], stats: Any, tokenizer: Any, stage: str,
                  cfg_data: Any) -> str:
-    """The `jaxalign data inspect` report for tokenized `examples` of `stage` ("sft", or pairs: "dpo", "rm").
+    """The `jaxalign data inspect` report for tokenized `examples` of `stage` ("sft", or pairs: "dpo", "rm", "kto").
 
     `stats` are the tokenize stage's counters (rows read, truncated, dropped, ...: a Mapping, nested
     mappings flattened, or an object with `to_dict()`, like DataStats); `cfg_data` is
@@ -214,7 +214,8 @@ def inspect_data(examples: Sequence[Mapping], stats: Any, tokenizer: Any, stage:
     (None shows raw ids).
     """
     paired = stage != "sft"
-    lines = [f"stage: {stage}", f"{'pairs' if paired else 'examples'}: {len(examples)}",
+    unit = {"sft": "examples", "kto": "examples (each beside its KL completion, as a pair)"}.get(stage, "pairs")
+    lines = [f"stage: {stage}", f"{unit}: {len(examples)}",
              *_stats_lines(stats, len(examples))]
     if getattr(examples, "weighted", False):
         lines += _mixture_lines(examples)

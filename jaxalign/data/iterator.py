@@ -44,7 +44,7 @@ from jaxalign.data.batching import (
     dpo_ref_logps,
     dpo_rows,
     pair_lengths,
-    pair_margins,
+    pair_scalars,
     round_up,
     shared_batch,
     shared_length,
@@ -259,6 +259,7 @@ def make_iterator(examples: Sequence[Mapping], cfg: Any, *, stage: str | None = 
     """The iterator a run's config asks for: training (shuffled, endless, full batches) or eval
     (in order, one pass, eval.batch_size, the last batch padded with empty rows)."""
     data = cfg.data
+    stage = "dpo" if (stage or cfg.stage) == "kto" else stage  # KTO's examples come as pairs (data/kto.py)
     # the train step's micro-batches (run.build.accumulation_steps); eval steps take the whole batch
     micro = cfg.train.batch_size // cfg.train.micro_batch_size if train and cfg.train.micro_batch_size else 1
     if hasattr(examples, "epoch_rows"):  # a Stream (data.streaming): training only
@@ -290,7 +291,8 @@ def build_host_batch(units: list, get, lengths: np.ndarray, plan) -> dict[str, n
         rows = dpo_rows(pairs, plan.batch_size)
         batch = pack_rows([rows[r] for r in plan.local_rows], length, plan.pad_id)
         extra = {"ref_logps": dpo_ref_logps(pairs, plan.batch_size),
-                 "margin": pair_margins(pairs, plan.batch_size) if plan.stage == "rm" else None}
+                 "margin": pair_scalars(pairs, "margin", plan.batch_size) if plan.stage == "rm" else None,
+                 "label": pair_scalars(pairs, "label", plan.batch_size)}
         return batch | {k: v[plan.local_rows] for k, v in extra.items() if v is not None}
     # SFT: read only the examples of this process's rows
     fetch = lambda r: [get(i) for i in units[r]] if plan.packing else [get(units[r])]  # noqa: E731

@@ -6,6 +6,7 @@ import functools
 import logging
 from collections.abc import Sequence
 
+from jaxalign.data.kto import UnpairedExamples
 from jaxalign.data.mixture import Mixture, Part, weighted_sources
 from jaxalign.data.sources import load_rows, rows_fingerprint, split_train_eval
 from jaxalign.data.streaming import open_stream
@@ -72,6 +73,9 @@ def load_examples(cfg, tokenizer, stage: str | None = None) -> tuple[Sequence[di
                                                 rows_fingerprint(data.eval, data.split, data.max_rows), str(data.eval))
     elif held_out is not None:
         eval_examples, stats["eval"] = held_out, held_out_stats
+    if stage == "kto":  # each completion beside its KL completion, as pairs (data/kto.py)
+        train = UnpairedExamples(train, cfg.train.batch_size)
+        eval_examples = UnpairedExamples(eval_examples, cfg.eval.batch_size) if len(eval_examples) else eval_examples
     for split, s in stats.items():
         log.info("%s data: %s", split, s.summary())
     return train, eval_examples, stats

@@ -71,6 +71,32 @@ def normalize_preference_row(row: dict[str, Any]) -> Preference:
                            check_messages(rejected, "rejected"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Unpaired:
+    """One reply to a prompt with a thumbs up or down (KTO's data)."""
+
+    prompt: str | tuple[Message, ...]
+    completion: str | tuple[Message, ...]
+    label: bool
+
+
+def normalize_unpaired_row(row: dict[str, Any]) -> Unpaired:
+    """An unpaired row {prompt, completion, label} (TRL's: strings, or message lists); raises BadRow."""
+    label = row.get("label")
+    if not isinstance(label, bool):
+        raise BadRow("bad_label", f"'label' must be true (desirable) or false (undesirable), got {label!r:.40}")
+    prompt, completion = get_field(row, "prompt"), get_field(row, "completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Unpaired(prompt, get_string(row, "completion"), label)
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        raise BadRow("wrong_type", "fields 'prompt' and 'completion' must both be strings or both message lists")
+    prompt, completion = check_messages(prompt, "prompt"), check_messages(completion, "completion")
+    if completion[0]["role"] != "assistant":
+        raise BadRow("no_assistant_turn", f"completion continues the prompt with a {completion[0]['role']} turn")
+    check_assistant_turns(completion, "completion")
+    return Unpaired(tuple(prompt), tuple(completion), label)
+
+
 def preference_to_sft(pref: Preference) -> PromptCompletion | Conversation:
     """The SFT example `prompt + chosen` (data.sft_from_preference).
 

@@ -21,11 +21,12 @@ from jaxalign.data.examples import (
     Dropped,
     TokenizeSettings,
     tokenize_preference_example,
+    tokenize_replies,
     tokenize_sft_example,
 )
 from jaxalign.data.formats import BadRow, normalize_sft_row
-from jaxalign.data.preference import normalize_preference_row, preference_to_sft
-from jaxalign.data.store import PAIR_COLUMNS, SFT_COLUMNS
+from jaxalign.data.preference import normalize_preference_row, normalize_unpaired_row, preference_to_sft
+from jaxalign.data.store import PAIR_COLUMNS, SFT_COLUMNS, UNPAIRED_COLUMNS
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import JaxalignError
 
@@ -104,6 +105,11 @@ class RowRules:
         """(example, flags), or (None, "reason\tFILE:ROW: message") for a dropped row."""
         where = f"{row.get('_source') or self.source or 'rows'}:{row.get('_row') or index + 1}"
         try:
+            if self.fmt == "unpaired":
+                row_ = normalize_unpaired_row(row)
+                prompt, (completion,), flags = tokenize_replies(row_.prompt, (row_.completion,), self.tokenizer,
+                                                                self.settings)
+                return {"prompt_ids": prompt, "completion_ids": completion, "label": float(row_.label)}, flags
             if self.fmt == "preference":
                 pref = normalize_preference_row(row)
                 if self.stage == "dpo":
@@ -132,13 +138,21 @@ class RowRules:
             if example is not None:
                 kept.append(example)
         out: dict[str, Any] = {}
-        for c in (PAIR_COLUMNS if self.stage == "dpo" else SFT_COLUMNS):
+        for c in self.columns:
             lists = [ex[c] for ex in kept]
             flat = list(itertools.chain.from_iterable(lists))
             out[c] = (np.array(flat, SFT_COLUMNS.get(c, "int32")), np.array([len(v) for v in lists], np.int64))
-        if self.margins:
-            out["margin"] = np.array([ex["margin"] for ex in kept], np.float32)
+        for c in self.scalars:
+            out[c] = np.array([ex[c] for ex in kept], np.float32)
         return out, stats
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return UNPAIRED_COLUMNS if self.fmt == "unpaired" else PAIR_COLUMNS if self.stage == "dpo" else SFT_COLUMNS
+
+    @property
+    def scalars(self) -> list[str]:
+        return ["label"] * (self.fmt == "unpaired") + ["margin"] * self.margins
 
 
 def _margin(row: dict[str, Any]) -> float:

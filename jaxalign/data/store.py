@@ -39,7 +39,9 @@ STORE_VERSION = 1
 # column -> dtype; ragged columns hold one list per example, scalar columns one number.
 SFT_COLUMNS = {"input_ids": "int32", "loss_mask": "bool"}
 PAIR_COLUMNS = {"prompt_ids": "int32", "chosen_ids": "int32", "rejected_ids": "int32"}
-SCALAR_COLUMNS = {"margin": "float32", "ref_chosen_logp": "float32", "ref_rejected_logp": "float32"}
+UNPAIRED_COLUMNS = {"prompt_ids": "int32", "completion_ids": "int32"}  # with a `label` scalar (KTO)
+SCALAR_COLUMNS = {"margin": "float32", "label": "float32", "ref_chosen_logp": "float32",
+                  "ref_rejected_logp": "float32"}
 
 
 class StoreWriter:
@@ -169,7 +171,10 @@ class TokenStore(Sequence):
         return np.diff(np.asarray(self._offsets[column]))
 
     def lengths(self) -> np.ndarray:
-        """Tokens per example: [n] (SFT), or [n, 2] prompt + chosen, prompt + rejected (pairs)."""
+        """Tokens per example: [n] (SFT; unpaired: prompt + completion), or [n, 2] prompt + chosen, prompt +
+        rejected (pairs)."""
+        if "completion_ids" in self.columns:
+            return self.column_lengths("prompt_ids") + self.column_lengths("completion_ids")
         if "prompt_ids" in self.columns:
             prompt = self.column_lengths("prompt_ids")
             return np.stack([prompt + self.column_lengths("chosen_ids"),

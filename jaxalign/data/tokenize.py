@@ -40,7 +40,7 @@ import tqdm
 from jaxalign.data.examples import TokenizeSettings, data_value
 from jaxalign.data.formats import resolve_format
 from jaxalign.data.row_rules import DataStats, RowRules, init_worker, run_chunk
-from jaxalign.data.store import META_FILE, PAIR_COLUMNS, SFT_COLUMNS, StoreWriter, TokenStore
+from jaxalign.data.store import META_FILE, StoreWriter, TokenStore
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import is_remote
@@ -78,8 +78,8 @@ def tokenize_dataset(
     reward model's loss, TRL's). loss_on: `sft.loss_on`. cache_dir: overrides data.cache_dir.
     source: the name quoted in errors for rows without a `_source` column (see `load_rows`).
     """
-    if stage not in ("sft", "dpo", "rm"):
-        raise JaxalignError(f"tokenize_dataset: stage must be 'sft', 'dpo' or 'rm', got {stage!r}")
+    if stage not in ("sft", "dpo", "rm", "kto"):
+        raise JaxalignError(f"tokenize_dataset: stage must be 'sft', 'dpo', 'rm' or 'kto', got {stage!r}")
     stage = "dpo" if stage == "rm" else stage  # the same pairs, the same cache
     settings = TokenizeSettings.from_config(cfg_data, loss_on if stage == "sft" else "completion")
     on_bad_row = data_value(cfg_data, "on_bad_row")
@@ -99,7 +99,9 @@ def tokenize_dataset(
     else:
         ds = ds() if callable(ds) else ds
         fmt = resolve_format(ds.column_names, fmt_spec, stage, from_pref)
-        job = RowRules(tokenizer, settings, stage, fmt, on_bad_row, source, "margin" in ds.column_names)
+        # KTO reads preference rows as DPO stores them (each side becomes an unpaired example: data/kto.py).
+        rules_stage = "dpo" if stage == "kto" and fmt == "preference" else stage
+        job = RowRules(tokenizer, settings, rules_stage, fmt, on_bad_row, source, "margin" in ds.column_names)
         store, stats = _write_store(job, ds, path, _workers(data_value(cfg_data, "num_workers"), len(ds)),
                                     {"rows_fingerprint": rows_key, "rows": len(ds), "tokenizer": repr(tokenizer),
                                      "format": fmt, "stage": stage, "settings": dataclasses.asdict(settings),
@@ -126,8 +128,7 @@ def _write_store(rules: RowRules, ds: datasets.Dataset, path: str, workers: int,
     tasks = ((s, ds[s:s + CHUNK_ROWS]) for s in starts)  # lazy: the pool's feeder blocks on a full pipe
     stats = DataStats()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with StoreWriter(path, PAIR_COLUMNS if rules.stage == "dpo" else SFT_COLUMNS,
-                     ["margin"] if rules.margins else []) as writer, contextlib.ExitStack() as stack:
+    with StoreWriter(path, rules.columns, rules.scalars) as writer, contextlib.ExitStack() as stack:
         if workers > 1:
             # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit mid-lock.
             # The rules (with the tokenizer) outgrow a pipe's buffer, so each worker's launch waits for the

@@ -57,7 +57,7 @@ from jaxalign.models import ModelConfig
 from jaxalign.models.flops import matmul_params, train_step_flops
 from jaxalign.plan.memory import ACCELERATORS, USABLE_FRACTION, Accelerator, GiB, compiled_memory, estimate_memory
 from jaxalign.plan.step import AbstractStep, build_abstract_step
-from jaxalign.run.build import accumulation_steps, has_reference_forward, reference_kind
+from jaxalign.run.build import accumulation_steps, has_reference_forward, initial_model_path, reference_kind
 from jaxalign.runtime.sharding import MESH_AXES, abstract_mesh, make_mesh, resolve_mesh_shape
 
 __all__ = ["ACCELERATORS", "GiB", "Plan", "add_cli", "build_abstract_step", "matmul_params", "parse_mesh", "plan"]
@@ -257,7 +257,7 @@ def candidate_changes(cfg, shape: dict[str, int]) -> list[tuple[str, list[str]]]
         out.append(("compute the LM head 256 positions at a time", ["model.logits_chunk_size=256"]))
     if reference_kind(cfg) == "model":
         out.append(("precompute the reference log-probs (no second model in memory)", ["dpo.reference=precomputed"]))
-    if not cfg.lora.enabled and (cfg.model.path or (cfg.stage == "dpo" and cfg.dpo.init_from)):
+    if not cfg.lora.enabled and (cfg.model.path or initial_model_path(cfg)):
         out.append(("train LoRA adapters (rank 16) on the frozen model: no gradients or optimizer state for "
                     "the base, and DPO's reference is the base itself",
                     ["lora.enabled=true", "lora.rank=16", "lora.alpha=32"]

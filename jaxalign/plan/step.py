@@ -48,6 +48,8 @@ def batch_shapes(cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
     shapes["loss_mask"] = ((rows, length), np.bool_)
     if reference_kind(cfg) == "precomputed":
         shapes["ref_logps"] = ((rows,), np.float32)
+    if cfg.stage == "kto":
+        shapes["label"] = ((rows,), np.float32)
     return shapes
 
 

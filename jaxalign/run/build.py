@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxalign.checkpoint import model_io
 from jaxalign.config.checks import dpo_losses
-from jaxalign.config.schema import REFERENCE_FREE_LOSSES
+from jaxalign.config.schema import PREFERENCE_STAGES, REFERENCE_FREE_LOSSES
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model, init_model
@@ -23,6 +23,7 @@ from jaxalign.models.lora import LoraSpec, abstract_adapters, init_adapters, res
 from jaxalign.models.quant import QuantSpec
 from jaxalign.runtime.sharding import MESH_AXES, make_mesh, merged_rules
 from jaxalign.train.dpo import PreferenceLoss
+from jaxalign.train.kto import KTOLoss
 from jaxalign.train.optimizer import build_optimizer
 from jaxalign.train.step import Objective, TrainState, make_train_step
 
@@ -44,7 +45,9 @@ def objective_from_config(cfg) -> Objective:
                          f_divergence=p.f_divergence_type, f_alpha=p.f_alpha_divergence_coef,
                          discopop_tau=p.discopop_tau, ld_alpha=p.ld_alpha, simpo_gamma=p.simpo_gamma,
                          reference_free=reference_kind(cfg) == "none")
-    return Objective(stage=cfg.stage, chunk_size=cfg.model.logits_chunk_size, z_loss=cfg.sft.z_loss, dpo=dpo,
+    kto = KTOLoss(beta=p.beta, desirable_weight=cfg.kto.desirable_weight,
+                  undesirable_weight=cfg.kto.undesirable_weight, loss_type=cfg.kto.loss_type)
+    return Objective(stage=cfg.stage, chunk_size=cfg.model.logits_chunk_size, z_loss=cfg.sft.z_loss, dpo=dpo, kto=kto,
                      center_rewards_coefficient=cfg.rm.center_rewards_coefficient)
 
 
@@ -68,7 +71,7 @@ def quant_spec(cfg) -> QuantSpec | None:
 def reference_kind(cfg) -> str | None:
     """DPO's reference: "model" (a frozen copy), "adapters_off" (LoRA: the base itself, no copy),
     "precomputed" (log-probs scored once) or "none" (reference-free losses); None for SFT."""
-    if cfg.stage != "dpo":
+    if cfg.stage not in PREFERENCE_STAGES:
         return None
     if cfg.dpo.reference == "auto":
         if any(t in REFERENCE_FREE_LOSSES for t in dpo_losses(cfg.dpo)[0]):
@@ -97,14 +100,14 @@ def model_options(cfg) -> dict[str, Any]:
 
 def initial_model_path(cfg) -> str:
     """DPO starts from `dpo.init_from` (an SFT run dir, a checkpoint or an HF dir) when given."""
-    if cfg.stage == "dpo" and cfg.dpo.init_from:
+    if cfg.stage in PREFERENCE_STAGES and cfg.dpo.init_from:
         return cfg.dpo.init_from
     return cfg.model.path
 
 
 def initial_model_key(cfg) -> str:
     """The config key that names the starting model (for error messages)."""
-    return "dpo.init_from" if cfg.stage == "dpo" and cfg.dpo.init_from else "model.path"
+    return "dpo.init_from" if cfg.stage in PREFERENCE_STAGES and cfg.dpo.init_from else "model.path"
 
 
 def check_model_source(cfg):

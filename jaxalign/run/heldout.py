@@ -13,8 +13,9 @@ from jaxalign.runtime.sharding import use_mesh
 
 
 def weight_key(stage: str) -> str:
-    """What a batch's metrics are weighted by when averaged: its tokens (SFT) or its pairs (DPO, reward model)."""
-    return "num_tokens" if stage == "sft" else "num_pairs"
+    """What a batch's metrics are weighted by when averaged: its tokens (SFT), pairs (DPO, reward model) or
+    examples (KTO)."""
+    return {"sft": "num_tokens", "kto": "num_examples"}.get(stage, "num_pairs")
 
 
 def heldout_metrics(eval_fn: Callable, params, examples: list[dict], cfg, mesh, rules, *, stage: str = "",

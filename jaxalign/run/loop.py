@@ -388,8 +388,9 @@ class Trainer(RunCheckpoints):
         record["grad_norm"] = float(np.mean([float(r["grad_norm"]) for r in records if math.isfinite(r["grad_norm"])]
                                             or [math.nan]))
         record["lr"] = float(records[-1]["lr"])
-        if self.stage != "sft":
-            record["pairs_per_sec"] = sum(float(r["num_pairs"]) for r in records) / max(seconds, 1e-9)
+        if self.stage != "sft":  # pairs_per_sec, or KTO's examples_per_sec
+            unit = self.weight_key.removeprefix("num_")
+            record[f"{unit}_per_sec"] = sum(float(r[self.weight_key]) for r in records) / max(seconds, 1e-9)
         self.metrics_log.write(record)
         return record
 

@@ -21,12 +21,13 @@ from jaxalign.models.logprobs import masked_sum, token_stats
 from jaxalign.models.lora import Adapted, LoraSpec
 from jaxalign.runtime.sharding import batch_sharding, constrain
 from jaxalign.train.dpo import PreferenceLoss, dpo_loss
+from jaxalign.train.kto import KTOLoss, kto_loss
 from jaxalign.train.losses import reward_loss, sft_loss
 
 Batch = dict[str, jax.Array]
 # Stages trained on pairs: 2B rows per batch of B pairs, chosen rows first (data/batching.py), unless
 # the batch is in the shared-prompt layout (it has branch_ids; each row holds whole pairs).
-PAIRED_STAGES = ("dpo", "rm")
+PAIRED_STAGES = ("dpo", "rm", "kto")  # KTO: an example's completion and its KL completion (data/kto.py)
 
 
 def is_shared(batch: Batch) -> bool:
@@ -100,6 +101,11 @@ def completion_tokens(batch: Batch) -> jax.Array:
     return jnp.round(pair_sums(jnp.ones(batch["loss_mask"].shape, jnp.float32), batch)).astype(jnp.int32)
 
 
+def example_labels(batch: Batch) -> jax.Array:
+    """KTO's [N] labels (1 desirable), in the order of `pair_sums`' first half, in either layout."""
+    return batch["label"].reshape(-1) if is_shared(batch) else batch["label"][:batch["label"].shape[0] // 2]
+
+
 def batch_ref_logps(batch: Batch) -> jax.Array:
     """The batch's precomputed reference log-probs as [2N], chosen first (shared: [rows, slots, 2])."""
     ref = batch["ref_logps"]
@@ -121,6 +127,7 @@ class Objective:
     chunk_size: int = 0
     z_loss: float = 0.0
     dpo: PreferenceLoss = PreferenceLoss()
+    kto: KTOLoss = KTOLoss()
     center_rewards_coefficient: float = 0.0
 
     def normalisers(self, batch: Batch) -> dict[str, jax.Array]:
@@ -130,6 +137,10 @@ class Objective:
         # Padding pairs (an eval batch's tail, empty slots) have no completion tokens and do not count.
         counts = completion_tokens(batch)
         chosen = counts[:counts.shape[0] // 2]
+        if self.stage == "kto":
+            real = (chosen > 0).astype(jnp.int32)
+            desirable = jnp.sum(real * (example_labels(batch) > 0.5))
+            return {"examples": jnp.sum(real), "desirable": desirable, "undesirable": jnp.sum(real) - desirable}
         norms = {"pairs": jnp.sum((chosen > 0).astype(jnp.int32)), "chosen_tokens": jnp.sum(chosen)}
         if "orpo" in self.dpo.loss_types:  # ORPO's NLL: prompt and chosen reply
             norms["chosen_sequence_tokens"] = norms["chosen_tokens"] + jnp.sum(prompt_targets(batch).astype(jnp.int32))
@@ -139,6 +150,11 @@ class Objective:
                  ref_model=None) -> tuple[jax.Array, dict[str, jax.Array]]:
         if self.stage == "dpo":
             return self.preference(model, batch, norms, ref_model)
+        if self.stage == "kto":
+            policy_logps, num_tokens = sequence_logps(model, batch, self.chunk_size)
+            ref_logps = batch_ref_logps(batch) if ref_model is None else reference_logps(ref_model, batch, self.chunk_size)
+            return kto_loss(policy_logps, jax.lax.stop_gradient(ref_logps), example_labels(batch), norms, self.kto,
+                            num_tokens[:num_tokens.shape[0] // 2] > 0)
         hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
         if self.stage == "rm":
             pairs = batch["tokens"].shape[0] // 2
