@@ -8,14 +8,12 @@ tokenizer), plain SGD, fp32 (bf16=False): every step's loss and TRL's metrics eq
 its own config, loop and shared-prompt layout; TRL through its padded one.
 """
 
-import gzip
-import json
 import pathlib
 
 import numpy as np
 import pytest
 import yaml
-from tiny_runs import TINY_LLAMA, read_metrics
+from tiny_runs import TINY_LLAMA, read_metrics, short_hh_pairs, stand_in_tokenizer
 
 from jaxalign.config import load_config
 from jaxalign.data.pipeline import load_examples
@@ -62,20 +60,6 @@ FREE_CASES = {
 }
 
 
-def _hh_pairs(shared_data: pathlib.Path, out: pathlib.Path, n: int) -> pathlib.Path:
-    """The first `n` short HH-RLHF pairs whose replies differ in length (LD-DPO weighs the difference)."""
-    rows = []
-    with gzip.open(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as f:
-        for line in f:
-            row = json.loads(line)
-            if max(len(row["chosen"]), len(row["rejected"])) < 300 and len(row["chosen"]) != len(row["rejected"]):
-                rows.append(row)
-            if len(rows) == n:
-                break
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(shared_data, tmp_path_factory):
     """A tiny random Llama saved by transformers, HH pairs, and the tokenized pairs TRL trains on."""
@@ -89,7 +73,10 @@ def setup(shared_data, tmp_path_factory):
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(root / "hf")
     base = {"stage": "dpo", "model": {"path": str(root / "hf")},
             "tokenizer": {"path": str(shared_data / "llama2-tokenizer.model"), "chat_template": "plain"},
-            "data": {"train": str(_hh_pairs(shared_data, root / "pairs.jsonl", PAIRS)), "max_length": 128,
+            # replies of different lengths: LD-DPO weighs the difference
+            "data": {"train": str(short_hh_pairs(shared_data, root / "pairs.jsonl", PAIRS,
+                                                 keep=lambda row: len(row["chosen"]) != len(row["rejected"]))),
+                     "max_length": 128,
                      "max_prompt_length": 96, "cache_dir": str(root / "cache")},
             "train": {"batch_size": PAIRS, "max_steps": STEPS, "log_every": 1, "eval_every": 0},
             "optimizer": {"name": "sgd", "b1": 0.0, "schedule": "constant", "max_grad_norm": 0.0,
@@ -130,19 +117,9 @@ def _trl_free_log(root: pathlib.Path, rows: list[dict], trainer: str, fields: di
                       **fields)
     data = datasets.Dataset.from_list([{"prompt": "", "chosen": "", "rejected": "", **r} for r in rows])
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
-    trainer = Pretokenized(model=model, args=args, processing_class=_stand_in_tokenizer(), train_dataset=data)
+    trainer = Pretokenized(model=model, args=args, processing_class=stand_in_tokenizer(), train_dataset=data)
     trainer.train()
     return [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
-
-
-def _stand_in_tokenizer():
-    """The trainers only read the pad, BOS and EOS tokens of their processing class: a three-token stand-in."""
-    import tokenizers
-    import transformers
-
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>", pad_token="<unk>")
 
 
 def _write(root: pathlib.Path, name: str, base: dict, case: dict):
@@ -172,7 +149,7 @@ def _trl_log(root: pathlib.Path, rows: list[dict], case: dict) -> list[dict]:
                      weight_decay=0.0, warmup_steps=0, bf16=False, fp16=False, logging_steps=1, report_to="none",
                      save_strategy="no", use_cpu=True, seed=0, beta=0.1, loss_type=losses,
                      ld_alpha=case.get("ld_alpha"), **fields)
-    trainer = Pretokenized(model=load(), ref_model=load(), args=args, processing_class=_stand_in_tokenizer(),
+    trainer = Pretokenized(model=load(), ref_model=load(), args=args, processing_class=stand_in_tokenizer(),
                            train_dataset=datasets.Dataset.from_list(rows))
     trainer.train()
     return [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
@@ -243,7 +220,7 @@ def _trl_kto_log(root: pathlib.Path, rows: list[dict], fields: dict, precompute:
                      learning_rate=LR, lr_scheduler_type="constant", optim="sgd", max_grad_norm=0.0,
                      weight_decay=0.0, warmup_steps=0, bf16=False, fp16=False, logging_steps=1, report_to="none",
                      save_strategy="no", use_cpu=True, seed=0, beta=0.1, precompute_ref_log_probs=precompute, **fields)
-    trainer = Pretokenized(model=load(), ref_model=load(), args=args, processing_class=_stand_in_tokenizer(),
+    trainer = Pretokenized(model=load(), ref_model=load(), args=args, processing_class=stand_in_tokenizer(),
                            train_dataset=datasets.Dataset.from_list(unpaired))
     trainer.train()
     return [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]

@@ -7,7 +7,6 @@ center_rewards_coefficient), plain SGD in fp32: every step's loss, accuracy and 
 model exported to HF format scores rows as transformers' AutoModelForSequenceClassification does.
 """
 
-import gzip
 import json
 import math
 import pathlib
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from tiny_runs import TINY_LLAMA, read_metrics
+from tiny_runs import TINY_LLAMA, read_metrics, short_hh_pairs, stand_in_tokenizer
 
 from jaxalign import cli
 from jaxalign.config import load_config
@@ -57,20 +56,6 @@ def test_reward_loss_and_metrics_by_hand():
     np.testing.assert_allclose(sum(float(h[0]) for h in halves), hand, rtol=1e-6)
 
 
-def _hh_pairs(shared_data: pathlib.Path, out: pathlib.Path, n: int) -> pathlib.Path:
-    """The first `n` short HH-RLHF pairs with a `margin` column (as TRL's RewardTrainer reads one)."""
-    rows = []
-    with gzip.open(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as f:
-        for line in f:
-            row = json.loads(line)
-            if max(len(row["chosen"]), len(row["rejected"])) < 300 and row["chosen"] != row["rejected"]:
-                rows.append({**row, "margin": round(0.25 * (len(rows) % 4), 2)})
-            if len(rows) == n:
-                break
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(shared_data, tmp_path_factory):
     """A tiny random LlamaForSequenceClassification saved by transformers, HH pairs, and an rm config."""
@@ -85,7 +70,8 @@ def setup(shared_data, tmp_path_factory):
     with torch.no_grad():  # a score head that already tells rows apart (transformers draws it with std 0.02)
         hf_model.score.weight.normal_(0, 1.0)
     hf_model.save_pretrained(root / "hf_rm")
-    data = _hh_pairs(shared_data, root / "pairs.jsonl", PAIRS)
+    data = short_hh_pairs(shared_data, root / "pairs.jsonl", PAIRS,  # with a margin column, as TRL reads one
+                          extra=lambda k: {"margin": round(0.25 * (k % 4), 2)})
     cfg = {"stage": "rm", "output_dir": str(root / "run"), "model": {"path": str(root / "hf_rm")},
            "tokenizer": {"path": str(shared_data / "llama2-tokenizer.model"), "chat_template": "plain"},
            "data": {"train": str(data), "max_length": 128, "max_prompt_length": 96, "cache_dir": str(root / "cache")},
@@ -106,7 +92,6 @@ def rm_run(setup):
 def _trl_log(root: pathlib.Path, cfg) -> list[dict]:
     """TRL's RewardTrainer on the same tokenized pairs (prompt + reply ids, EOS included) and margins."""
     import datasets
-    import tokenizers
     import torch
     import transformers
     from trl import RewardConfig, RewardTrainer
@@ -117,11 +102,7 @@ def _trl_log(root: pathlib.Path, cfg) -> list[dict]:
     rows = [{"chosen_ids": e["prompt_ids"] + e["chosen_ids"], "rejected_ids": e["prompt_ids"] + e["rejected_ids"],
              "margin": e["margin"]} for e in examples]
     assert len(rows) == PAIRS and all(r["chosen_ids"][-1] == 2 for r in rows)  # EOS-terminated, as TRL adds it
-    # The trainer only reads the pad and EOS tokens of its processing class: a two-token stand-in.
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                               eos_token="</s>", pad_token="<unk>")
+    tok = stand_in_tokenizer()
     model = transformers.AutoModelForSequenceClassification.from_pretrained(root / "hf_rm", dtype=torch.float32)
     args = RewardConfig(output_dir=str(root / "trl"), per_device_train_batch_size=PAIRS, max_steps=STEPS,
                         learning_rate=LR, lr_scheduler_type="constant", optim="sgd", max_grad_norm=0.0,

@@ -1,8 +1,10 @@
 """The tiny training runs the loop, reliability, multi-host and gs:// tests are built from: a 2-layer
 Llama with the real Llama 2 tokenizer, SFT on HH-RLHF chosen replies, and a reader of its metrics."""
 
+import gzip
 import json
 import pathlib
+from collections.abc import Callable
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -60,3 +62,31 @@ def train_until(trainer, step: int) -> dict:
 
     trainer.compiled_step = compiled_step
     return trainer.train()
+
+
+def short_hh_pairs(shared_data: pathlib.Path, out: pathlib.Path, n: int,
+                   keep: Callable[[dict], bool] = lambda row: row["chosen"] != row["rejected"],
+                   extra: Callable[[int], dict] = lambda k: {}) -> pathlib.Path:
+    """The first `n` HH-RLHF pairs under 300 characters a side that `keep` accepts, each with `extra(k)`'s
+    columns (k: its index), written to `out` as JSON Lines (the side-by-side tests against TRL train on them)."""
+    rows = []
+    with gzip.open(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            if max(len(row["chosen"]), len(row["rejected"])) < 300 and keep(row):
+                rows.append({**row, **extra(len(rows))})
+            if len(rows) == n:
+                break
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def stand_in_tokenizer():
+    """TRL's trainers read only the pad, BOS and EOS tokens of their processing class when the rows come
+    tokenized: a three-token stand-in."""
+    import tokenizers
+    import transformers
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="<unk>")
