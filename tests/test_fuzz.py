@@ -16,10 +16,10 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from jaxalign.config import load_config
-from jaxalign.data.examples import TokenizeSettings, tokenize_preference_example, tokenize_sft_example
-from jaxalign.data.formats import FORMATS, BadRow, normalize_sft_row
+from jaxalign.data.examples import TokenizeSettings, tokenize_preference_example, tokenize_replies, tokenize_sft_example
+from jaxalign.data.formats import SFT_FORMATS, BadRow, normalize_sft_row
 from jaxalign.data.packing import pack_bfd, pack_rows
-from jaxalign.data.preference import normalize_preference_row, preference_to_sft
+from jaxalign.data.preference import normalize_preference_row, normalize_unpaired_row, preference_to_sft
 from jaxalign.errors import JaxalignError
 from jaxalign.models.attention import attention_mask
 
@@ -72,7 +72,7 @@ SFT_ROW = st.one_of(
     st.tuples(st.just("alpaca"), st.fixed_dictionaries({"instruction": LIKELY, "output": LIKELY},
                                                         optional={"input": LIKELY})),
     st.tuples(st.just("sharegpt"), st.fixed_dictionaries({"conversations": st.one_of(SHAREGPT, VALUE)})),
-    st.tuples(st.sampled_from([f for f in FORMATS if f != "preference"]),
+    st.tuples(st.sampled_from(SFT_FORMATS),
               st.dictionaries(st.sampled_from(SFT_FIELDS), VALUE, max_size=6)),
 )
 PREFERENCE_ROW = st.one_of(
@@ -147,6 +147,30 @@ def test_preference_rows_tokenize_or_are_refused_with_a_reason(tokenizer, row, s
     assert chosen and rejected  # an empty completion would give a NaN mean log-prob later
     assert settings_.max_length <= 0 or len(prompt) + max(len(chosen), len(rejected)) <= settings_.max_length
     assert all(0 <= i < tokenizer.vocab_size for i in prompt + chosen + rejected)
+
+
+UNPAIRED_ROW = st.one_of(
+    st.dictionaries(st.sampled_from(["prompt", "completion", "label", "other"]), VALUE, max_size=4),
+    st.fixed_dictionaries({"prompt": TEXT, "completion": TEXT, "label": st.booleans()}),
+    st.builds(lambda chat, a, label: {"prompt": chat[:-1], "completion": [{"role": "assistant", "content": a}],
+                                      "label": label}, CHAT, WORDS, st.booleans()),
+)
+
+
+@ROWS
+@given(row=UNPAIRED_ROW, settings_=SETTINGS)
+def test_unpaired_rows_tokenize_or_are_refused_with_a_reason(tokenizer, row, settings_):
+    """KTO's rows {prompt, completion, label}: tokenized, or refused with a reason."""
+    try:
+        ex = normalize_unpaired_row(row)
+        prompt, (completion,), _ = tokenize_replies(ex.prompt, (ex.completion,), tokenizer, settings_)
+    except BadRow as e:
+        assert explained(e) and e.reason, (row, e)
+        event(f"refused: {e.reason}")
+        return
+    event("tokenized")
+    assert completion and isinstance(ex.label, bool)
+    assert settings_.max_length <= 0 or len(prompt) + len(completion) <= settings_.max_length
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

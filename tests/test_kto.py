@@ -68,7 +68,8 @@ def test_examples_from_pairs_and_their_kl_completions():
     """Pairs give their chosen replies (desirable), then their rejected ones; each example's KL completion is
     the previous example's completion within blocks of the batch size, the block's first taking its last."""
     pairs = [{"prompt_ids": [p], "chosen_ids": [10 + p] * (p + 1), "rejected_ids": [20 + p]} for p in range(3)]
-    ex = UnpairedExamples(FakeStore(pairs, {"prompt_ids": 0, "chosen_ids": 0, "rejected_ids": 0}), block=4)
+    ex = UnpairedExamples(FakeStore(pairs, {"prompt_ids": 0, "chosen_ids": 0, "rejected_ids": 0}), block=4,
+                          max_length=64)
     assert len(ex) == 6
     got = [ex[i] for i in range(6)]
     assert [e["label"] for e in got] == [1, 1, 1, 0, 0, 0]
@@ -82,8 +83,14 @@ def test_examples_from_pairs_and_their_kl_completions():
     assert scored[4]["ref_chosen_logp"] == 4.0 and scored[4]["ref_rejected_logp"] == -4.0
     rows = [{"prompt_ids": [1], "completion_ids": [5, 6], "label": 0.0},
             {"prompt_ids": [2], "completion_ids": [7], "label": 1.0}]
-    ex = UnpairedExamples(FakeStore(rows, {"prompt_ids": 0, "completion_ids": 0}), block=8)
+    ex = UnpairedExamples(FakeStore(rows, {"prompt_ids": 0, "completion_ids": 0}), block=8, max_length=64)
     assert [ex[i]["label"] for i in range(2)] == [0.0, 1.0] and ex[0]["rejected_ids"] == [7]
+    # a KL completion is cut to fit max_length after this example's prompt, as TRL's collator cuts its rows
+    rows = [{"prompt_ids": [1, 2, 3], "completion_ids": [4], "label": 1.0},
+            {"prompt_ids": [5], "completion_ids": [6, 7, 8, 9], "label": 0.0}]
+    ex = UnpairedExamples(FakeStore(rows, {"prompt_ids": 0, "completion_ids": 0}), block=2, max_length=5)
+    assert ex[0]["rejected_ids"] == [6, 7] and ex[1]["rejected_ids"] == [4]
+    assert ex.lengths().tolist() == [[4, 5], [5, 2]]
 
 
 def test_unpaired_rows():

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 from jaxalign.errors import JaxalignError
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text", "preference", "unpaired")
+SFT_FORMATS = tuple(f for f in FORMATS if f not in ("preference", "unpaired"))
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

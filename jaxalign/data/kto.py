@@ -4,7 +4,8 @@ precomputed reference): example i is (prompt, completion, KL completion, label).
 The KL completion is another example's completion under this example's prompt, from which KTO estimates its
 reference point z0 (the mismatched pairs of TRL's KTOTrainer): within consecutive blocks of `block` examples
 (train.batch_size), example i takes the completion of example i - 1 and the block's first takes its last
-one's, as TRL rotates them in blocks of its batch size. Being fixed per example, it can be precomputed.
+one's, as TRL rotates them in blocks of its batch size. Being fixed per example, it can be precomputed. It is
+cut to fit data.max_length after this example's prompt (TRL's collator truncates the KL rows the same way).
 
 A store of unpaired rows (prompt_ids, completion_ids, label) gives its examples in order; a store of
 preference pairs gives each pair's chosen reply as a desirable example and its rejected one as an
@@ -25,8 +26,8 @@ class UnpairedExamples:
 
     weighted = False
 
-    def __init__(self, store, block: int, scalars: Mapping[str, np.ndarray] | None = None):
-        self.store, self.block = store, max(int(block), 1)
+    def __init__(self, store, block: int, max_length: int, scalars: Mapping[str, np.ndarray] | None = None):
+        self.store, self.block, self.max_length = store, max(int(block), 1), max_length
         self.from_pairs = "chosen_ids" in store.columns
         self.n = 2 * len(store) if self.from_pairs else len(store)
         self.scalars = dict(scalars or {})
@@ -58,8 +59,9 @@ class UnpairedExamples:
         k, column = self._source(i)
         row = self.store[k]
         label = float(row["label"]) if not self.from_pairs else float(column == "chosen_ids")
+        room = self.max_length - len(row["prompt_ids"])  # >= this example's own completion
         return {"prompt_ids": row["prompt_ids"], "chosen_ids": row[column],
-                "rejected_ids": self._completion(int(self.partner(i))), "label": label,
+                "rejected_ids": self._completion(int(self.partner(i)))[:room], "label": label,
                 **{c: float(v[i]) for c, v in self.scalars.items()}}
 
     def column_lengths(self, column: str) -> np.ndarray:
@@ -69,8 +71,8 @@ class UnpairedExamples:
                                          self.store.column_lengths("rejected_ids")])
         else:
             prompt, completion = (self.store.column_lengths(c) for c in ("prompt_ids", "completion_ids"))
-        return {"prompt_ids": prompt, "chosen_ids": completion,
-                "rejected_ids": completion[self.partner(np.arange(self.n))]}[column]
+        kl = np.minimum(completion[self.partner(np.arange(self.n))], self.max_length - prompt)
+        return {"prompt_ids": prompt, "chosen_ids": completion, "rejected_ids": kl}[column]
 
     def lengths(self) -> np.ndarray:
         """[n, 2] prompt + completion, prompt + KL completion."""
@@ -84,8 +86,8 @@ class UnpairedExamples:
         return np.asarray([self.store[k]["label"] for k in range(len(self.store))], np.float32)
 
     def with_scalars(self, **values: np.ndarray) -> UnpairedExamples:
-        return UnpairedExamples(self.store, self.block, {**self.scalars, **values})
+        return UnpairedExamples(self.store, self.block, self.max_length, {**self.scalars, **values})
 
     @property
     def content_hash(self) -> str:
-        return f"{self.store.content_hash}:kto:{self.block}"
+        return f"{self.store.content_hash}:kto:{self.block}:{self.max_length}"

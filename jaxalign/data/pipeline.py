@@ -74,8 +74,9 @@ def load_examples(cfg, tokenizer, stage: str | None = None) -> tuple[Sequence[di
     elif held_out is not None:
         eval_examples, stats["eval"] = held_out, held_out_stats
     if stage == "kto":  # each completion beside its KL completion, as pairs (data/kto.py)
-        train = UnpairedExamples(train, cfg.train.batch_size)
-        eval_examples = UnpairedExamples(eval_examples, cfg.eval.batch_size) if len(eval_examples) else eval_examples
+        train = UnpairedExamples(train, cfg.train.batch_size, data.max_length)
+        eval_examples = (UnpairedExamples(eval_examples, cfg.eval.batch_size, data.max_length) if len(eval_examples)
+                         else eval_examples)
     for split, s in stats.items():
         log.info("%s data: %s", split, s.summary())
     return train, eval_examples, stats
