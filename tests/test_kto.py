@@ -11,6 +11,7 @@ from jaxalign.data.formats import BadRow, detect_format, resolve_format
 from jaxalign.data.kto import UnpairedExamples
 from jaxalign.data.preference import Unpaired, normalize_unpaired_row
 from jaxalign.errors import JaxalignError
+from jaxalign.run.build import reference_kind
 from jaxalign.train.kto import KTOLoss, kto_loss
 
 BETA = 0.1
@@ -114,6 +115,10 @@ def test_kto_config_rules():
         load_config(None, ["stage=kto", "data.format=messages"])
     with pytest.raises(JaxalignError, match=r"'data\.streaming' is not supported with stage kto"):
         load_config(None, ["stage=kto", "data.streaming=true", "train.max_steps=3"])
+    with pytest.raises(JaxalignError, match=r"'dpo\.reference' cannot be none for stage kto"):
+        load_config(None, ["stage=kto", "dpo.reference=none"])
+    # the dpo section's losses do not decide KTO's reference
+    assert reference_kind(load_config(None, ["stage=kto", "dpo.loss=simpo"])) == "model"
     with pytest.raises(JaxalignError, match=r"'kto\.loss_type' must be one of"):
         load_config(None, ["stage=kto", "kto.loss_type=sigmoid"])
     with pytest.raises(JaxalignError, match="KTO's data; use stage: kto"):

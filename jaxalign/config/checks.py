@@ -116,6 +116,8 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
     need(not is_remote(d["cache_dir"]), "data.cache_dir",
          "must be a local directory (datasets memory-maps the tokenized cache from local disk)")
     if c["stage"] == "kto":
+        need(c["dpo"]["reference"] != "none", "dpo.reference", "cannot be none for stage kto: KTO's rewards and "
+             "reference point are log-ratios to a reference (model, precomputed, or adapters_off with lora)")
         need(d["format"] in ("auto", "preference", "unpaired"), "data.format", "must be 'auto', 'unpaired' or "
              "'preference' for stage kto (it trains on labelled completions, or each side of a pair)")
         need(not d["streaming"], "data.streaming", "is not supported with stage kto yet: KTO's KL completions are "

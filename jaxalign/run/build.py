@@ -74,7 +74,7 @@ def reference_kind(cfg) -> str | None:
     if cfg.stage not in PREFERENCE_STAGES:
         return None
     if cfg.dpo.reference == "auto":
-        if any(t in REFERENCE_FREE_LOSSES for t in dpo_losses(cfg.dpo)[0]):
+        if cfg.stage == "dpo" and any(t in REFERENCE_FREE_LOSSES for t in dpo_losses(cfg.dpo)[0]):
             return "none"
         return "adapters_off" if cfg.lora.enabled else "model"
     return cfg.dpo.reference
