@@ -112,10 +112,12 @@ def shared_length(prompt: int, chosen: int, rejected: int):
 
 
 def shared_batch(rows: Sequence[Sequence[tuple[int, Mapping]]], length: int, slots: int, pad_id: int = 0,
-                 num_rows: int | None = None, with_ref: bool | None = None) -> dict[str, np.ndarray]:
+                 num_rows: int | None = None, with_ref: bool | None = None,
+                 with_label: bool | None = None) -> dict[str, np.ndarray]:
     """[num_rows, length] shared-prompt batch: rows[r] lists (index in the batch, pair) laid end to end
     in row r (see the module doc); `ref_logps` [num_rows, slots, 2] when the pairs carry them (`with_ref`:
-    whether the whole batch's do, for a process whose rows may all be empty)."""
+    whether the whole batch's do, for a process whose rows may all be empty), and KTO's `label` [num_rows, slots]
+    likewise (`with_label`)."""
     num_rows = len(rows) if num_rows is None else num_rows
     if len(rows) > num_rows:
         raise JaxalignError(f"{len(rows)} rows do not fit a batch of {num_rows}")
@@ -127,7 +129,8 @@ def shared_batch(rows: Sequence[Sequence[tuple[int, Mapping]]], length: int, slo
     if with_ref is None:
         with_ref = any("ref_chosen_logp" in pair for row in rows for _, pair in row)
     ref = np.zeros((num_rows, slots, 2), np.float32)
-    with_label = any("label" in pair for row in rows for _, pair in row)  # KTO: [rows, slots]
+    if with_label is None:
+        with_label = any("label" in pair for row in rows for _, pair in row)
     label = np.zeros((num_rows, slots), np.float32)
     for r, row in enumerate(rows):
         if len(row) > slots:

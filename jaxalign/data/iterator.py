@@ -315,4 +315,4 @@ def _shared_host_batch(units: list, get, plan) -> dict[str, np.ndarray]:
     global_rows = round_up(len(bins) if plan.pack_pairs else plan.batch_size, plan.row_multiple)
     laid = [[(k, pairs[k]) for k in b] for b in bins]
     return shared_batch([laid[r] if r < len(laid) else [] for r in rows_of(plan.mesh, global_rows)], length, slots,
-                        plan.pad_id, with_ref="ref_chosen_logp" in pairs[0])
+                        plan.pad_id, with_ref="ref_chosen_logp" in pairs[0], with_label="label" in pairs[0])

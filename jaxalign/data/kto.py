@@ -65,6 +65,9 @@ class UnpairedExamples:
                 **{c: float(v[i]) for c, v in self.scalars.items()}}
 
     def column_lengths(self, column: str) -> np.ndarray:
+        return self._lengths_by_column()[column]
+
+    def _lengths_by_column(self) -> dict[str, np.ndarray]:
         if self.from_pairs:
             prompt = np.tile(self.store.column_lengths("prompt_ids"), 2)
             completion = np.concatenate([self.store.column_lengths("chosen_ids"),
@@ -72,18 +75,12 @@ class UnpairedExamples:
         else:
             prompt, completion = (self.store.column_lengths(c) for c in ("prompt_ids", "completion_ids"))
         kl = np.minimum(completion[self.partner(np.arange(self.n))], self.max_length - prompt)
-        return {"prompt_ids": prompt, "chosen_ids": completion, "rejected_ids": kl}[column]
+        return {"prompt_ids": prompt, "chosen_ids": completion, "rejected_ids": kl}
 
     def lengths(self) -> np.ndarray:
         """[n, 2] prompt + completion, prompt + KL completion."""
-        prompt = self.column_lengths("prompt_ids")
-        return np.stack([prompt + self.column_lengths("chosen_ids"), prompt + self.column_lengths("rejected_ids")],
-                        axis=1)
-
-    def labels(self) -> np.ndarray:
-        if self.from_pairs:
-            return np.repeat(np.array([1.0, 0.0], np.float32), len(self.store))
-        return np.asarray([self.store[k]["label"] for k in range(len(self.store))], np.float32)
+        c = self._lengths_by_column()
+        return np.stack([c["prompt_ids"] + c["chosen_ids"], c["prompt_ids"] + c["rejected_ids"]], axis=1)
 
     def with_scalars(self, **values: np.ndarray) -> UnpairedExamples:
         return UnpairedExamples(self.store, self.block, self.max_length, {**self.scalars, **values})
