@@ -7,7 +7,9 @@ tokenizer, the `plain` template, max_length), the benchmark model shape, fp32, A
 process, the train loop's step (make_train_step + jit_train_step; a new batch shape compiles once):
 
   dpo padded / shared / packed   dpo.share_prompt false / true, data.packing false / true; a
-                                 precomputed reference (scored before timing, not timed) and a live one
+                                 precomputed reference (scored before timing, not timed) and a live one;
+                                 "head everywhere": the LM head at every position (batches without
+                                 their `loss_index`), as before it was computed at the loss positions only
   sft                            SFT of the pairs' prompt + chosen sequences, packed (data.packing)
   trl                            TRL 1.16 DPOTrainer, fp32 (bf16=False), live reference, the same pairs
                                  (as text, tokenized by TRL with the same tokenizer), the same batch
@@ -54,7 +56,7 @@ def _config(args, stage: str, sets: list[str]):
     return cfg
 
 
-def _jaxalign(args: dict, stage: str, sets: list[str]) -> dict:
+def _jaxalign(args: dict, stage: str, sets: list[str], everywhere: bool = False) -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -98,6 +100,8 @@ def _jaxalign(args: dict, stage: str, sets: list[str]) -> dict:
             t = time.perf_counter()
             for _ in range(steps):
                 host = next(it)
+                if everywhere:  # the LM head at every position, as before `loss_index`
+                    host.pop("loss_index", None)
                 batch = to_global_arrays(host, mesh)
                 key = tuple((k, v.shape) for k, v in sorted(batch.items()))
                 if key not in compiled:
@@ -166,6 +170,7 @@ RUNS = {
     "dpo shared + packed, precomputed": ("dpo", ["data.packing=true", "dpo.reference=precomputed"]),
     "dpo padded, live": ("dpo", ["dpo.share_prompt=false", "dpo.reference=model"]),
     "dpo shared + packed, live": ("dpo", ["data.packing=true", "dpo.reference=model"]),
+    "dpo shared + packed, live, head everywhere": ("dpo", ["data.packing=true", "dpo.reference=model"], True),
     "sft packed (prompt + chosen)": ("sft", ["data.sft_from_preference=true", "data.packing=true"]),
 }
 
@@ -213,14 +218,18 @@ def main() -> None:
     if sft and "dpo shared + packed, precomputed" in results:
         print(f"dpo shared + packed pairs/s / sft sequences/s: "
               f"{results['dpo shared + packed, precomputed']['per_s'] / sft['per_s']:.2f}")
-        # Both run at about the same positions/s, so the data bounds this ratio: SFT's real tokens per
-        # sequence over a shared pair's (P + C) / (P + C + R + 1), reached only if nothing were padded.
+        # Were every position to cost the same, the data would bound this ratio: SFT's real tokens per
+        # sequence over a shared pair's (P + C) / (P + C + R + 1). DPO's LM head runs at its C + R loss
+        # positions only; SFT's at every position of its rows.
         dpo = results["dpo shared + packed, precomputed"]
         print(f"  bound from real tokens: {sft['real_per_unit'] / dpo['real_per_unit']:.2f}; from positions: "
               f"{sft['positions_per_unit'] / dpo['positions_per_unit']:.2f}")
-    if "trl" in results and "dpo shared + packed, live" in results:
-        print(f"jaxalign (shared + packed, live) / TRL pairs/s: "
-              f"{results['dpo shared + packed, live']['per_s'] / results['trl']['per_s']:.2f}x")
+    live = results.get("dpo shared + packed, live")
+    everywhere = results.get("dpo shared + packed, live, head everywhere")
+    if live and everywhere:
+        print(f"LM head at the loss positions / at every position: {live['per_s'] / everywhere['per_s']:.2f}x")
+    if "trl" in results and live:
+        print(f"jaxalign (shared + packed, live) / TRL pairs/s: {live['per_s'] / results['trl']['per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -200,3 +200,32 @@ def test_ld_dpo_weights_the_longer_replys_extra_tokens_in_both_layouts():
            for seg in (1, 2) for br in (1, 2)}
     # segment 1 holds pair 1, segment 2 pair 0
     assert [got[2, 1], got[1, 1], got[2, 2], got[1, 2]] == want
+
+
+@pytest.mark.parametrize("share_prompt,packing", [(False, False), (True, False), (True, True)],
+                         ids=["padded", "shared", "packed"])
+def test_log_probs_at_the_loss_positions_equal_those_of_every_position(share_prompt, packing):
+    """The iterator's `loss_index` (the LM head at the loss positions only) covers every loss position, and the
+    sequences' log-probs and their gradient equal those computed at every position, sharded over 8 devices."""
+    pairs = random_pairs(16, seed=6)
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    it = BatchIterator(pairs, "dpo", batch_size=8, max_length=64, pad_to_multiple_of=8, packing=packing,
+                       share_prompt=share_prompt, mesh=mesh, seed=1)
+    with use_mesh(mesh):
+        graphdef, params = nnx.split(init_model(CFG, mesh, seed=0))
+        for _ in range(it.steps_per_epoch):
+            batch = next(it)
+            index, mask = batch["loss_index"], batch["loss_mask"].astype(bool)
+            assert index.shape[1] % 8 == 0 and index.shape[1] < mask.shape[1]
+            for r in range(mask.shape[0]):
+                assert index[r, :mask[r].sum()].tolist() == np.flatnonzero(mask[r]).tolist()
+            full = {k: v for k, v in batch.items() if k != "loss_index"}
+
+            def summed(p, b):
+                logps = sequence_logps(nnx.merge(graphdef, p), b)[0]
+                return jnp.sum(logps * jnp.linspace(0.5, 1.5, logps.shape[0])), logps
+
+            (_, got), grads = jax.jit(jax.value_and_grad(summed, has_aux=True))(params, batch)
+            (_, want), want_grads = jax.jit(jax.value_and_grad(summed, has_aux=True))(params, full)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, want_grads)

@@ -43,11 +43,13 @@ from jaxalign.data.batching import (
     check_pair,
     dpo_ref_logps,
     dpo_rows,
+    loss_width,
     pair_lengths,
     pair_scalars,
     round_up,
     shared_batch,
     shared_length,
+    with_loss_index,
 )
 from jaxalign.data.packing import pack_bfd, pack_rows
 from jaxalign.errors import JaxalignError
@@ -290,6 +292,9 @@ def build_host_batch(units: list, get, lengths: np.ndarray, plan) -> dict[str, n
         length = bucket_length(int(lengths[units].max()), plan.pad_to_multiple_of, plan.max_length)
         rows = dpo_rows(pairs, plan.batch_size)
         batch = pack_rows([rows[r] for r in plan.local_rows], length, plan.pad_id)
+        if plan.stage != "rm":  # a reward model scores a row's last token, not its loss positions
+            sides = [len(p[side]) for p in pairs for side in ("chosen_ids", "rejected_ids")]
+            batch = with_loss_index(batch, loss_width(sides, plan.pad_to_multiple_of, length))
         extra = {"ref_logps": dpo_ref_logps(pairs, plan.batch_size),
                  "margin": pair_scalars(pairs, "margin", plan.batch_size) if plan.stage == "rm" else None,
                  "label": pair_scalars(pairs, "label", plan.batch_size)}
@@ -314,5 +319,7 @@ def _shared_host_batch(units: list, get, plan) -> dict[str, np.ndarray]:
         bins, slots = [[k] for k in range(len(units))], 1
     global_rows = round_up(len(bins) if plan.pack_pairs else plan.batch_size, plan.row_multiple)
     laid = [[(k, pairs[k]) for k in b] for b in bins]
-    return shared_batch([laid[r] if r < len(laid) else [] for r in rows_of(plan.mesh, global_rows)], length, slots,
-                        plan.pad_id, with_ref="ref_chosen_logp" in pairs[0], with_label="label" in pairs[0])
+    batch = shared_batch([laid[r] if r < len(laid) else [] for r in rows_of(plan.mesh, global_rows)], length, slots,
+                         plan.pad_id, with_ref="ref_chosen_logp" in pairs[0], with_label="label" in pairs[0])
+    replies = [sum(len(pairs[k]["chosen_ids"]) + len(pairs[k]["rejected_ids"]) for k in b) for b in bins]
+    return with_loss_index(batch, loss_width(replies, plan.pad_to_multiple_of, length))

@@ -47,11 +47,19 @@ def pair_sums(values: jax.Array, batch: Batch) -> jax.Array:
     return jnp.stack(sides).reshape(-1)  # [2, rows, slots]: chosen of every slot, then rejected
 
 
-def token_logps(model, batch: Batch, chunk_size: int = 0) -> jax.Array:
-    """[rows, length] log-prob of each target token, in either layout."""
+def token_logps(model, batch: Batch, chunk_size: int = 0, everywhere: bool = False) -> jax.Array:
+    """[rows, length] log-prob of each target token, in either layout: at the loss positions only (0 elsewhere)
+    when the batch has a `loss_index` (data/batching.py) unless `everywhere`."""
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
                                     branch_ids=batch.get("branch_ids"))
-    return token_stats(model, hidden, batch["targets"], chunk_size)["logp"]
+    if everywhere or "loss_index" not in batch:
+        return token_stats(model, hidden, batch["targets"], chunk_size)["logp"]
+    index = batch["loss_index"]
+    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    logp = token_stats(model, picked, jnp.take_along_axis(batch["targets"], index, axis=1), chunk_size)["logp"]
+    real = jnp.arange(index.shape[1]) < jnp.sum(batch["loss_mask"].astype(jnp.int32), axis=1, keepdims=True)
+    rows = jnp.arange(index.shape[0])[:, None]
+    return jnp.zeros(batch["targets"].shape, logp.dtype).at[rows, index].add(jnp.where(real, logp, 0))
 
 
 def prompt_targets(batch: Batch) -> jax.Array:
@@ -168,7 +176,7 @@ class Objective:
 
     def preference(self, model, batch: Batch, norms: dict[str, jax.Array], ref_model=None):
         spec = self.dpo
-        logp = token_logps(model, batch, self.chunk_size)
+        logp = token_logps(model, batch, self.chunk_size, everywhere="orpo" in spec.loss_types)  # ORPO: the prompt's
         plain = pair_sums(logp, batch)
         policy_logps = plain if not spec.length_desensitised else pair_sums(
             logp * ld_token_weights(batch, spec.ld_alpha), batch)
