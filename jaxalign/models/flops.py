@@ -8,7 +8,8 @@ embedding is a lookup, norms and biases are not matmuls); tokens = rows x T of t
                                                                    the causal half only, as MaxText counts)
     live DPO reference forward  2 * N * tokens + 4 * L * H * D * T * tokens / 2
 
-Recomputation under remat is hardware work, not model FLOPs.
+A DPO or KTO batch runs the LM head (e * vocab of N) at its loss positions only (`loss_index`): those
+are the head's tokens there. Recomputation under remat is hardware work, not model FLOPs.
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ def attention_flops(mc: ModelConfig, rows: int, length: int) -> float:
     return 4.0 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * length * length * rows / 2
 
 
-def train_step_flops(mc: ModelConfig, rows: int, length: int, live_reference: bool = False) -> dict[str, float]:
-    """{"policy", "attention", "reference" (a live DPO reference only), "total"} for one optimizer step."""
+def train_step_flops(mc: ModelConfig, rows: int, length: int, live_reference: bool = False,
+                     head_positions: int | None = None) -> dict[str, float]:
+    """{"policy", "attention", "reference" (a live DPO reference only), "total"} for one optimizer step;
+    `head_positions`: where the LM head runs when not at every token (a preference batch's `loss_index`)."""
     tokens = rows * length
+    head = 0 if mc.num_labels else mc.hidden_size * mc.vocab_size
+    per_step = (matmul_params(mc) - head) * tokens + head * (tokens if head_positions is None else head_positions)
     attn = attention_flops(mc, rows, length)
-    out = {"policy": 6.0 * matmul_params(mc) * tokens, "attention": 3.0 * attn}
+    out = {"policy": 6.0 * per_step, "attention": 3.0 * attn}
     if live_reference:
-        out["reference"] = 2.0 * matmul_params(mc) * tokens + attn
+        out["reference"] = 2.0 * per_step + attn
     out["total"] = sum(out.values())
     return out

@@ -279,7 +279,8 @@ class Trainer(RunCheckpoints):
                 self.trained_position = position = drawn.position
                 rows, length = batch["tokens"].shape  # model FLOPs of the padded batch, as plan and MFU count them
                 pending.append({**metrics, "model_flops": train_step_flops(
-                    self.model_cfg, rows, length, live_reference=has_reference_forward(self.reference))["total"]})
+                    self.model_cfg, rows, length, live_reference=has_reference_forward(self.reference),
+                    head_positions=getattr(batch.get("loss_index"), "size", None))["total"]})
                 if step == 1 and self.lora and self.reference == "adapters_off":
                     check_policy_is_reference(metrics)
                 kind = int(metrics["nonfinite"])
