@@ -1,6 +1,8 @@
 """`jaxalign pipeline`: SFT -> eval SFT -> gate -> [reward model] -> DPO from the best SFT checkpoint ->
 eval base/SFT/DPO -> report -> export the DPO model to Hugging Face format. Re-running skips finished
-stages and resumes unfinished ones.
+stages and resumes unfinished ones. `pipeline.stages` picks the preference stage (its last: dpo, kto, orpo
+or simpo, in a run dir of its name, set by dpo.overrides); [orpo] and [simpo] train it from the base model,
+with no SFT stage and no gate, and the report compares base and it.
 
 With `pipeline.stages: [sft, rm, dpo]` a reward model is trained from the SFT model on DPO's training
 pairs (never on the held-out pairs the report measures), and judges the report's win-rates unless
@@ -95,10 +97,10 @@ def run_stage(cfg, stage: str, run_dir: paths.Path, extra: list[str]) -> None:
 
 
 def reward_model_sets(cfg, sets: list[str]) -> list[str]:
-    """The reward model trains on DPO's training pairs, split off as DPO splits them (same data, eval split and
-    seed), unless rm.overrides names its own data; either way none of the held-out pairs the report
-    measures may be among its training data."""
-    dpo = stage_config(cfg, "dpo", sets)
+    """The reward model trains on the preference stage's training pairs, split off as it splits them (same data,
+    eval split and seed), unless rm.overrides names its own data; either way none of the held-out pairs the
+    report measures may be among its training data."""
+    dpo = stage_config(cfg, cfg.pipeline.stages[-1], sets)
     own = "train" in (cfg.rm.overrides.get("data") or {})
     data = stage_config(cfg, "rm", sets).data if own else dpo.data
     held_out = {str(p) for p in _paths(dpo.data.eval) + _paths(cfg.eval.preference_data)}
@@ -209,35 +211,39 @@ def _run_pipeline(cfg, sets: list[str], root: paths.Path, preempt: PreemptionWat
 
     agree("preparing the pipeline dir", write_root)
     base = base_model_path(cfg, root)
-    sft_dir, dpo_dir = root / "sft", root / "dpo"
+    final = cfg.pipeline.stages[-1]  # the preference stage: dpo, kto, orpo or simpo
+    sft_dir, final_dir = root / "sft", root / final
+    models, gate_result = {"base": base}, None
     # The stages start from checkpoints, so the inline architecture (model.config) has served its purpose.
-    between_stages("SFT")
-    run_stage(cfg, "sft", sft_dir, [*sets, f"model.path={base}", "model.config={}"])
-    between_stages("the SFT gate")
-    gate_result = gate(cfg, sft_dir, root)
+    if "sft" in cfg.pipeline.stages:
+        between_stages("SFT")
+        run_stage(cfg, "sft", sft_dir, [*sets, f"model.path={base}", "model.config={}"])
+        between_stages("the SFT gate")
+        gate_result = gate(cfg, sft_dir, root)
+        models["sft"] = str(sft_dir)
     rm_dir = root / "rm"
     if "rm" in cfg.pipeline.stages:
         between_stages("the reward model")
         run_stage(cfg, "rm", rm_dir, [*sets, *reward_model_sets(cfg, sets), f"model.path={sft_dir}", "model.config={}"])
         if not cfg.eval.judge:
             cfg = apply_overrides(cfg, [f"eval.judge=reward:{rm_dir}"])
-    between_stages("DPO")
-    run_stage(cfg, "dpo", dpo_dir, [*sets, f"dpo.init_from={sft_dir}", "model.config={}"])
+    between_stages(final.upper())
+    run_stage(cfg, final, final_dir, [*sets, f"dpo.init_from={models.get('sft', base)}", "model.config={}"])
     between_stages("the report")
-    models = {"base": base, "sft": str(sft_dir), "dpo": str(dpo_dir)}
+    models[final] = str(final_dir)
     fingerprint = eval_fingerprint(cfg, models)
+    runs = [root / name / lifecycle.STATUS_FILE for name in models if name != "base"]
     report = _recorded(root / "report" / "report.json", fingerprint,
-                       [sft_dir / lifecycle.STATUS_FILE, dpo_dir / lifecycle.STATUS_FILE,
-                        paths.as_path(base) / model_io.MODEL_FILE])
+                       [*runs, paths.as_path(base) / model_io.MODEL_FILE])
     if report is not None:
         log.info("report: %s is up to date, skipped", root / "report" / "report.json")
         report["gate"] = gate_result
     else:
         report = run_eval(cfg, models, root / "report",
-                          curves={"sft": sft_dir / "metrics.jsonl", "dpo": dpo_dir / "metrics.jsonl"},
+                          curves={name: root / name / "metrics.jsonl" for name in models if name != "base"},
                           extras={"gate": gate_result, "fingerprint": fingerprint})
     between_stages("the export")
-    exported = export_run(cfg, dpo_dir, root / "export")
+    exported = export_run(cfg, final_dir, root / "export")
     _set_state(root, lifecycle.FINISHED)
-    log.info("report: %s; exported DPO model: %s", root / "report" / "report.md", exported)
+    log.info("report: %s; exported %s model: %s", root / "report" / "report.md", final.upper(), exported)
     return report

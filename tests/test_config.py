@@ -136,7 +136,7 @@ def test_bad_choice_lists_choices():
     assert "'dpo.loss'" in msg and "'kto'" in msg
     for choice in ("sigmoid", "ipo", "hinge", "robust"):
         assert f"'{choice}'" in msg
-    with pytest.raises(JaxalignError, match=r"'stage' must be one of 'sft', 'dpo', 'rm', 'kto'; got 'ppo'"):
+    with pytest.raises(JaxalignError, match=r"'stage' must be one of 'sft', 'dpo', 'rm', 'kto', 'orpo', 'simpo'; got 'ppo'"):
         load_config(None, ["stage=ppo"])
 
 
@@ -237,3 +237,38 @@ def test_non_mapping_file(tmp_path):
     with pytest.raises(JaxalignError, match=r"must hold a mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
     assert load_config(write(tmp_path, "", "empty.yaml")).stage == "sft"
+
+
+def test_stage_orpo_and_simpo_name_stage_dpo_with_that_loss(tmp_path):
+    """stage orpo / simpo resolve to stage dpo with that dpo.loss (saved that way, read back equal); a list must
+    hold it; another loss is an error naming both keys."""
+    cfg = load_config(None, ["stage=orpo"])
+    assert cfg.stage == "dpo" and cfg.dpo.loss == "orpo"
+    cfg = load_config(write(tmp_path, "stage: simpo\ndpo: {loss: [simpo, sft], loss_weights: [1.0, 0.5]}\n"))
+    assert cfg.stage == "dpo" and list(cfg.dpo.loss) == ["simpo", "sft"]
+    saved = save_config(cfg, tmp_path / "saved.yaml")
+    assert config_to_dict(load_config(saved)) == config_to_dict(cfg)
+    with pytest.raises(JaxalignError, match=r"'stage' is orpo, which trains dpo.loss orpo, but dpo.loss is 'ipo'"):
+        load_config(write(tmp_path, "stage: orpo\ndpo: {loss: ipo}\n", "bad.yaml"))
+    with pytest.raises(JaxalignError, match=r"dpo.loss is \['sigmoid', 'sft'\].*\(in --set stage=simpo\)"):
+        load_config(None, ["dpo.loss=[sigmoid, sft]", "stage=simpo"])
+
+
+def test_pipeline_recipes_and_the_preference_stages_overrides():
+    """pipeline.stages takes the listed recipes only; every preference stage (dpo, kto, orpo, simpo) takes
+    dpo.overrides, and an unknown key there names dpo.overrides."""
+    from jaxalign.config import stage_config
+
+    for stages in ("[sft, kto]", "[orpo]", "[sft, rm, simpo]", "[sft, orpo]"):
+        load_config(None, [f"pipeline.stages={stages}"])
+    for stages in ("[kto]", "[sft, rm, kto]", "[dpo]", "[sft, sft]"):
+        with pytest.raises(JaxalignError, match=r"pipeline.stages.*must be one of \[sft, dpo\], \[sft, kto\]"):
+            load_config(None, [f"pipeline.stages={stages}"])
+    cfg = load_config(None, ["dpo.overrides={train: {max_steps: 7}, kto: {desirable_weight: 2.0}}"])
+    for stage in ("dpo", "kto", "orpo", "simpo"):
+        resolved = stage_config(cfg, stage)
+        assert resolved.train.max_steps == 7 and resolved.kto.desirable_weight == 2.0
+        assert resolved.stage == ("kto" if stage == "kto" else "dpo")
+    assert stage_config(cfg, "orpo").dpo.loss == "orpo" and stage_config(cfg, "sft").train.max_steps != 7
+    with pytest.raises(JaxalignError, match=r"dpo.overrides: unknown config key 'train.max_step'"):
+        stage_config(load_config(None, ["dpo.overrides={train: {max_step: 7}}"]), "kto")

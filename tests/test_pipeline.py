@@ -588,3 +588,60 @@ def test_kill_minus_9_and_sigterm_anywhere_always_end_finished_and_equal(killed_
         after_dpo = next(k for stage, _, k in run["preempted"] if stage == "dpo") + 1
         assert "DPO: resuming the preempted run" in run["logs"][after_dpo]
     _assert_equal_to_reference(run["root"], short_reference["root"])
+
+
+# ----------------------------------------------------------------------------- the other recipes
+
+def _recipe(small_demo, short_reference, name: str, sets: list[str], copy: tuple[str, ...]) -> dict:
+    """The shorter pipeline as recipe `sets`, in a new root holding copies of the short run's finished `copy`
+    dirs (its base model, its SFT run), so only the new stage trains."""
+    import shutil
+
+    root = small_demo["root"].parent / name
+    for d in copy:
+        shutil.copytree(short_reference["root"] / d, root / d)
+    proc = _subprocess_cli(_argv([*small_demo["sets"], *SHORT, f"output_dir={root}", *sets]), 400,
+                           root.parent / f"{name}.log")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"root": root, "err": proc.stderr, "report": json.loads((root / "report" / "report.json").read_text())}
+
+
+def test_kto_after_sft_recipe(small_demo, short_reference):
+    """pipeline.stages [sft, kto]: the finished SFT run is skipped, KTO trains from it on each side of the
+    pairs (dpo.overrides set it), and the report credits KTO against SFT on the held-out pairs."""
+    run = _recipe(small_demo, short_reference, "kto_recipe", ["pipeline.stages=[sft, kto]",
+                  "dpo.overrides.kto.undesirable_weight=1.5"], ("base", "sft"))
+    root, report = run["root"], run["report"]
+    assert "SFT: finished run" in run["err"] and "KTO: training" in run["err"]
+    cfg = load_config(str(root / "kto" / "config.yaml"))
+    assert cfg.stage == "kto" and cfg.dpo.init_from == str(root / "sft") and cfg.kto.undesirable_weight == 1.5
+    assert lifecycle.state_of(root / "kto") == "finished" and lifecycle.is_complete(root / "export")
+    assert list(report["models"]) == ["base", "sft", "kto"] and report["gate"]["passed"]
+    assert any("kl" in r for r in _jsonl(root / "kto" / "metrics.jsonl"))
+    kto = report["models"]["kto"]
+    print(f"\nKTO after SFT: held-out reward accuracy {kto['reward_accuracy']:.3f}, style {kto['style_rate']:.3f}")
+    assert kto["reward_accuracy"] > 0.5  # KTO raised the chosen replies' likelihood over SFT's more
+    assert "KTO" in (root / "report" / "report.md").read_text()
+
+
+def test_orpo_from_the_base_model_recipe(small_demo, short_reference):
+    """pipeline.stages [orpo]: one stage from the base model, no SFT, no gate, no reference; the report
+    compares base and ORPO, and ORPO's NLL term taught the held-out replies."""
+    # The demo's DPO is RPO (an sft term) with a precomputed reference: ORPO has its own NLL and no reference.
+    run = _recipe(small_demo, short_reference, "orpo_recipe", ["pipeline.stages=[orpo]", "dpo.loss=orpo",
+                                                               "dpo.loss_weights=[]", "dpo.reference=auto"], ("base",))
+    root, report = run["root"], run["report"]
+    dirs = {p.name for p in root.iterdir() if p.is_dir()} - {"cache"}  # cache: the tokenized data
+    assert dirs == {"base", "export", "orpo", "report"}
+    assert not (root / "gate.json").exists() and report["gate"] is None
+    cfg = load_config(str(root / "orpo" / "config.yaml"))
+    from jaxalign.run.build import reference_kind
+
+    assert cfg.stage == "dpo" and cfg.dpo.loss == "orpo" and reference_kind(cfg) == "none"
+    assert cfg.dpo.init_from == str(root / "base")
+    assert any("log_odds_ratio" in r for r in _jsonl(root / "orpo" / "metrics.jsonl"))
+    base, orpo = report["models"]["base"], report["models"]["orpo"]
+    assert list(report["models"]) == ["base", "orpo"] and "reward_accuracy" not in orpo
+    print(f"\nORPO from base: NLL {base['nll']:.3f} -> {orpo['nll']:.3f}")
+    assert orpo["nll"] < base["nll"] - 1.0
+    assert any(c["metric"] == "nll" and c["stage"] == "orpo" for c in report["credits"])

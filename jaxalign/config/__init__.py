@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import yaml
 
-from jaxalign.config.checks import coerce_sources, cross_field_errors
+from jaxalign.config.checks import coerce_sources, cross_field_errors, resolve_stage_alias
 from jaxalign.config.schema import (
     BOOL,
     FLOAT,
@@ -37,6 +37,7 @@ from jaxalign.config.schema import (
     Field,
     iter_fields,
     iter_sections,
+    overrides_section,
 )
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import as_path, isfile, write_text_atomic
@@ -350,7 +351,7 @@ def _check_types(tree: dict, sources: dict) -> dict:
             node[leaf] = _coerce(dotted, f, node[leaf], sources.get(dotted, ""))
         except JaxalignError as e:
             errors.append(str(e))
-    _raise(errors)
+    _raise(errors or [msg + _where(sources.get("stage", "")) for msg in resolve_stage_alias(out)])
     return out
 
 
@@ -378,17 +379,16 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
 
 
 def stage_config(cfg: ConfigDict, stage: str, extra: Iterable[str] = ()) -> ConfigDict:
-    """The config of one stage of a pipeline: `stage` set, `{stage}.overrides` applied, then `extra`.
-
-    Overrides are nested mappings, e.g. {train: {max_steps: 50}, data: {train: pairs.jsonl}}; an unknown key is an error naming `{stage}.overrides.<key>` and the closest valid key.
-    """
-    overrides = _flatten(config_to_dict(cfg)[stage]["overrides"])
+    """The config of one stage of a pipeline: `stage` set, its overrides (schema.overrides_section: nested mappings,
+    e.g. {train: {max_steps: 50}}; an unknown key is an error naming it and the closest valid key), then `extra`."""
+    section = overrides_section(stage)
+    overrides = _flatten(config_to_dict(cfg)[section]["overrides"])
     sets = [f"stage={stage}"] + [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix(chr(10) + '...')}"
                                  for k, v in overrides]
     try:
         return validate(apply_overrides(cfg, [*sets, *extra]))
     except JaxalignError as e:
-        raise JaxalignError(f"{stage}.overrides: {e}") from None
+        raise JaxalignError(f"{section}.overrides: {e}") from None
 
 
 def load_stage_config(path: str | os.PathLike, overrides: Iterable[str] = (), stage: str = "") -> ConfigDict:

@@ -11,10 +11,12 @@ from typing import Any
 from jaxalign.config.schema import (
     F_DIVERGENCE_LOSSES,
     LORA_TARGETS,
+    PIPELINE_STAGES,
     PREFERENCE_STAGES,
     REFERENCE_FREE_LOSSES,
     SMOOTHED_LOSSES,
     SOURCE_KEYS,
+    STAGE_ALIASES,
 )
 from jaxalign.errors import JaxalignError
 from jaxalign.runtime.paths import is_remote
@@ -182,8 +184,8 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
     need(0.0 < g["top_p"] <= 1.0, "generate.top_p", "must be in (0, 1]")
 
     need(c["sft"]["z_loss"] >= 0, "sft.z_loss", "must be >= 0")
-    need(c["pipeline"]["stages"] in (["sft", "dpo"], ["sft", "rm", "dpo"]), "pipeline.stages",
-         "must be [sft, dpo] or [sft, rm, dpo]")
+    need(c["pipeline"]["stages"] in PIPELINE_STAGES, "pipeline.stages",
+         "must be one of " + ", ".join(f"[{', '.join(s)}]" for s in PIPELINE_STAGES))
     need(c["rm"]["center_rewards_coefficient"] >= 0, "rm.center_rewards_coefficient", "must be >= 0")
     need(not (c["stage"] == "rm" and c["lora"]["enabled"]), "lora.enabled",
          "is not supported for stage rm yet (the score head would have to train beside the adapters); "
@@ -200,6 +202,22 @@ def dpo_losses(p: dict) -> tuple[tuple[str, ...], tuple[float, ...]]:
     if p["sft_weight"] and "sft" not in types and len(weights) == len(types):
         types, weights = types + ["sft"], weights + [p["sft_weight"]]
     return tuple(types), tuple(weights)
+
+
+def resolve_stage_alias(tree: dict) -> list[str]:
+    """Stage orpo (simpo) becomes stage dpo with dpo.loss orpo (simpo), in place: the default loss is replaced,
+    a list must hold it already. Returns the error when dpo.loss names another objective."""
+    alias = tree["stage"]
+    if alias not in STAGE_ALIASES:
+        return []
+    loss = tree["dpo"]["loss"]
+    if loss == "sigmoid":  # the default: what `stage: orpo` alone means
+        loss = alias
+    if alias not in ([loss] if isinstance(loss, str) else loss):
+        return [f"config key 'stage' is {alias}, which trains dpo.loss {alias}, but dpo.loss is {loss!r}: set "
+                f"stage dpo to train it, or add {alias} to dpo.loss"]
+    tree["stage"], tree["dpo"]["loss"] = "dpo", loss
+    return []
 
 
 def _dpo_checks(c: dict, need) -> None:

@@ -33,6 +33,16 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 # The stages that start from dpo.init_from beside a frozen reference (dpo.reference), on preference data.
 PREFERENCE_STAGES = ("dpo", "kto")
+# Stage names for a reference-free loss: stage orpo is stage dpo with dpo.loss orpo (checks.resolve_stage_alias).
+STAGE_ALIASES = ("orpo", "simpo")
+# `jaxalign pipeline` recipes: the stages before the last, then the one it reports on and exports.
+PIPELINE_STAGES = [["sft", final] for final in ("dpo", "kto", *STAGE_ALIASES)] + \
+    [["sft", "rm", final] for final in ("dpo", *STAGE_ALIASES)] + [[final] for final in STAGE_ALIASES]
+
+
+def overrides_section(stage: str) -> str:
+    """The section whose `overrides` a pipeline stage takes: every preference stage's is dpo.overrides."""
+    return "dpo" if stage in (*PREFERENCE_STAGES, *STAGE_ALIASES) else stage
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # f-DPO leaves a β·log Z(x) term that cancels only in the chosen - rejected difference of scores (TRL's rule).
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
@@ -66,8 +76,9 @@ class Field:
 F = Field
 
 SCHEMA: dict[str, Any] = {
-    "stage": F("sft", "which stage this run trains: sft, dpo, kto (unpaired preferences), or rm (a Bradley-Terry "
-               "reward model on the preference data)", ("sft", "dpo", "rm", "kto")),
+    "stage": F("sft", "which stage this run trains: sft, dpo, kto (unpaired preferences), rm (a Bradley-Terry "
+               "reward model on the preference data), or orpo / simpo (stage dpo with that dpo.loss, no reference)",
+               ("sft", "dpo", "rm", "kto", *STAGE_ALIASES)),
     "output_dir": F("runs/default", "run dir: config.yaml, metrics.jsonl, checkpoints/, eval/"),
     "run_name": F("", "name shown in logs and reports; '' = basename of output_dir"),
     "model": {
@@ -201,8 +212,10 @@ SCHEMA: dict[str, Any] = {
                     "adapters as a PEFT directory, their base as an HF model in its base/", ("merged", "peft")),
     },
     "pipeline": {
-        "stages": F(["sft", "dpo"], "the stages `jaxalign pipeline` trains, in order: [sft, dpo], or [sft, rm, dpo] "
-                    "to train a reward model (from the SFT model, on DPO's training pairs) that judges the report"),
+        "stages": F(["sft", "dpo"], "the stages `jaxalign pipeline` trains, in order: [sft, P] (P = dpo, kto, orpo "
+                    "or simpo, from the SFT model; dpo.overrides set P), [sft, rm, P] (P not kto) to train a reward "
+                    "model (from the SFT model, on P's training pairs) that judges the report, or [orpo] / [simpo] "
+                    "(one stage from the base model)"),
     },
     "sft": {
         "loss_on": F("completion", "which tokens are trained on", ("completion", "all")),
@@ -232,7 +245,8 @@ SCHEMA: dict[str, Any] = {
                        "simpo and orpo losses, else adapters_off with lora, else model",
                        ("auto", "model", "adapters_off", "precomputed", "none")),
         "init_from": F("", "SFT run dir or checkpoint to start from (and use as reference)"),
-        "overrides": F({}, "config keys set for the DPO stage of `jaxalign pipeline`, e.g. {train: {max_steps: 50}}"),
+        "overrides": F({}, "config keys set for the preference stage (dpo, kto, orpo, simpo) of `jaxalign pipeline`, "
+                       "e.g. {train: {max_steps: 50}}"),
     },
     "kto": {  # with the dpo section's beta, reference, init_from and share_prompt
         "loss_type": F("kto", "kto, or apo_zero_unpaired (no KL reference point); TRL's KTOConfig.loss_type",

@@ -64,9 +64,11 @@ def _held_out_examples(path: str, stage_cfg, tokenizer, stage: str) -> Sequence[
 
 def load_held_out(cfg, tokenizer) -> HeldOut:
     """eval.sft_data / eval.preference_data / eval.prompts; the data default to each stage's validation split."""
-    sft_cfg, dpo_cfg = stage_config(cfg, "sft"), stage_config(cfg, "dpo")
+    # The preference stage's data (pipeline.stages' last, its dpo.overrides applied); KTO's unpaired rows give no pairs.
+    sft_cfg, pref_cfg = stage_config(cfg, "sft"), stage_config(cfg, cfg.pipeline.stages[-1])
     sft_examples = _held_out_examples(cfg.eval.sft_data, sft_cfg, tokenizer, "sft")
-    pairs = _held_out_examples(cfg.eval.preference_data, dpo_cfg, tokenizer, "dpo")
+    unpaired = pref_cfg.data.format == "unpaired" and not cfg.eval.preference_data
+    pairs = [] if unpaired else _held_out_examples(cfg.eval.preference_data, pref_cfg, tokenizer, "dpo")
     if cfg.eval.prompts == HELD_OUT:  # the held-out pairs' prompts, as tokenized (the judge reads them decoded)
         prompts = [{"prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True), "prompt_ids": p["prompt_ids"]}
                    for p in pairs]

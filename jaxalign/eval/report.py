@@ -1,7 +1,8 @@
 """The stage-comparison report: per-model metrics in, report.md / report.json / PNG plots out.
 
-Each metric is credited to the stage that moved it (base -> SFT, or SFT -> DPO), and a warning is
-raised when the preference stage adds no measurable win-rate over SFT.
+Each metric is credited to the stage that moved it (base -> SFT, or SFT -> the preference stage: DPO, or
+KTO, ORPO, SimPO; base -> it when there is no SFT model), and a warning is raised when the preference stage
+adds no measurable win-rate over SFT.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ INFO_METRICS: dict[str, str] = {
     "judge_agreement_with_task": "the judge's verdicts equal to the task's programmatic judge's, on the pairs "
                                  "the task's judge decides",
 }
-STAGE_TRANSITIONS = (("base", "sft"), ("sft", "dpo"))
 # Metrics measured against the SFT model itself, with what "no preference learnt" reads as: the SFT
 # model has no value of its own (it is the reference), and DPO is credited for beating the baseline.
 RELATIVE_TO_SFT = {"win_rate_vs_sft": 0.5, "lc_win_rate_vs_sft": 0.5, "reward_accuracy": 0.5, "reward_margin": 0.0}
@@ -53,17 +53,29 @@ class Credit:
         return f"{self.metric}: {who} ({moves})"
 
 
+def preference_model(by_model: Mapping[str, Any]) -> str:
+    """The name of the preference stage's model: dpo, else the first that is not base or sft (kto, orpo, ...)."""
+    return "dpo" if "dpo" in by_model else next((n for n in by_model if n not in ("base", "sft")), "dpo")
+
+
+def stage_transitions(by_model: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(before, after) of each stage among base -> sft -> the preference stage that the models have."""
+    chain = [n for n in ("base", "sft", preference_model(by_model)) if n in by_model]
+    return list(zip(chain, chain[1:]))
+
+
 def credit(metric: str, by_model: Mapping[str, Mapping[str, float]], min_delta: float = 1e-3) -> Credit:
     """Which stage moved `metric` most in its good direction (changes below `min_delta` don't count)."""
     higher_is_better = METRICS[metric][0]
+    final = preference_model(by_model)
     if metric in RELATIVE_TO_SFT:
-        value, baseline = by_model.get("dpo", {}).get(metric), RELATIVE_TO_SFT[metric]
+        value, baseline = by_model.get(final, {}).get(metric), RELATIVE_TO_SFT[metric]
         if not _number(value):
             return Credit(metric, None, {})
         gain = value - baseline
-        return Credit(metric, "dpo" if gain > min_delta else None, {f"dpo vs sft - {baseline:g}": gain})
+        return Credit(metric, final if gain > min_delta else None, {f"{final} vs sft - {baseline:g}": gain})
     deltas: dict[str, float] = {}
-    for before, after in STAGE_TRANSITIONS:
+    for before, after in stage_transitions(by_model):
         a, b = by_model.get(before, {}).get(metric), by_model.get(after, {}).get(metric)
         if _number(a) and _number(b):
             deltas[f"{before}->{after}"] = b - a
@@ -100,16 +112,17 @@ def build_report(by_model: Mapping[str, Mapping[str, Any]], extras: Mapping[str,
     extras = dict(extras or {})
     credits = [credit(m, by_model) for m in METRICS if any(_number(v.get(m)) for v in by_model.values())]
     warnings = list(extras.pop("warnings", []))
-    dpo = by_model.get("dpo", {})
-    if "dpo" in by_model:
+    final = preference_model(by_model)
+    dpo = by_model.get(final, {})
+    if final in by_model and "sft" in by_model:
         warning = win_rate_warning(dpo.get("win_rate_vs_sft"), int(dpo.get("judged", 0)), int(dpo.get("wins", 0)),
                                    int(dpo.get("losses", 0)))
         if warning:
             warnings.append(warning)
         raw, lc = dpo.get("win_rate_vs_sft"), dpo.get("lc_win_rate_vs_sft")
         if _number(raw) and _number(lc) and raw - lc > 0.05:
-            warnings.append(f"DPO's win-rate over SFT falls from {raw:.1%} to {lc:.1%} when lengths are controlled: "
-                            "part of the gain is longer replies (DPO's known length exploitation)")
+            warnings.append(f"{final.upper()}'s win-rate over SFT falls from {raw:.1%} to {lc:.1%} when lengths are "
+                            "controlled: part of the gain is longer replies (DPO's known length exploitation)")
     return {"models": {k: dict(v) for k, v in by_model.items()},
             "credits": [dataclasses.asdict(c) | {"line": c.line()} for c in credits],
             "warnings": warnings, **extras}
@@ -150,15 +163,17 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
 
 
 def _alignment_tax(by_model: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The skill SFT installed and DPO kept (the alignment tax is what it lost), and how far DPO moved."""
-    sft, dpo = by_model.get("sft", {}), by_model.get("dpo", {})
+    """The skill SFT installed and DPO (the preference stage) kept (the alignment tax is what it lost), and how
+    far it moved."""
+    name = preference_model(by_model).upper()
+    sft, dpo = by_model.get("sft", {}), by_model.get(name.lower(), {})
     a, b = sft.get("skill_accuracy"), dpo.get("skill_accuracy")
     if not (_number(a) and _number(b)):
         return []
     kept = f"kept {b / a:.1%} of it" if a > 0 else "SFT had none to keep"
-    line = f"- skill_accuracy SFT {a:.1%} -> DPO {b:.1%} ({100 * (b - a):+.1f} points; {kept})"
+    line = f"- skill_accuracy SFT {a:.1%} -> {name} {b:.1%} ({100 * (b - a):+.1f} points; {kept})"
     if _number(dpo.get("kl_vs_sft")):
-        line += f"; DPO's KL from SFT {dpo['kl_vs_sft']:.4g} nats/token"
+        line += f"; {name}'s KL from SFT {dpo['kl_vs_sft']:.4g} nats/token"
     return ["", "## Alignment tax", "", line]
 
 
@@ -226,7 +241,7 @@ def plot_training_curves(curves: Mapping[str, paths.PathLike], path: paths.Path)
             ax.plot(*zip(*train), label="train loss")
         if evals:
             ax.plot(*zip(*evals), "o-", label="eval loss")
-        if name == "dpo":
+        if name not in ("sft", "rm"):  # a preference stage
             acc = [(r["step"], r["eval/rewards/accuracies"]) for r in records if "eval/rewards/accuracies" in r]
             if acc:
                 ax.plot(*zip(*acc), "s--", label="eval reward accuracy")
