@@ -1,5 +1,5 @@
 """The hand-written pieces of the step that exist for speed give the plain formulas' values and gradients:
-blocked causal attention and the one-pass log-softmax statistics."""
+blocked causal attention, the one-pass log-softmax statistics and the fused, chunked LM head."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxalign.models.attention import attention_mask, xla_attention
-from jaxalign.models.logprobs import logit_stats
+from jaxalign.models.logprobs import fused_logit_stats, logit_stats
+from jaxalign.runtime.sharding import make_mesh, use_mesh
 
 
 def plain_attention(q, k, v, mask):
@@ -60,3 +61,42 @@ def test_logit_stats_equals_log_softmax():
     want = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(x), targets[..., None], -1)
                                       + 0.1 * jax.nn.logsumexp(x, -1)[..., None] ** 2))(logits)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_fused_lm_head_equals_the_plain_one(dtype, tol):
+    """fused_logit_stats (chunks of 8 over a length of 21, so the last chunk is padded) gives logit_stats of the
+    whole [batch, length, vocab] logits: log-probs, logsumexp and hits, and the gradients of a loss of the
+    log-probs and the logsumexp (z-loss) for the hidden states and the head, over 8 devices (rows sharded)."""
+    b, length, e, v = 8, 21, 16, 300
+    key = jax.random.key(0)
+    hidden = jax.random.normal(key, (b, length, e)).astype(dtype)
+    w = (jax.random.normal(jax.random.fold_in(key, 1), (e, v)) / 2).astype(dtype)
+    targets = jax.random.randint(jax.random.fold_in(key, 2), (b, length), 0, v)
+    targets = targets.at[0, 0].set(jnp.argmax(hidden[0, 0].astype(jnp.float32) @ w.astype(jnp.float32)))
+    scale = jax.random.uniform(jax.random.fold_in(key, 3), (b, length))
+
+    def plain(h, w):
+        s = logit_stats(jnp.einsum("ble,ev->blv", h, w, preferred_element_type=jnp.float32), targets)
+        return s["logp"], s["lse"], s["correct"]
+
+    def fused(h, w):
+        return fused_logit_stats(h, w, targets, 8)
+
+    def loss(fn, h, w):
+        logp, lse, _ = fn(h, w)
+        return jnp.sum(scale * logp) + 1e-2 * jnp.sum(lse ** 2)
+
+    mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    with use_mesh(mesh):
+        hidden = jax.device_put(hidden, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        for got, want in zip(jax.jit(fused)(hidden, w), jax.jit(plain)(hidden, w)):
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+        assert jax.jit(fused)(hidden, w)[2][0, 0] == 1
+        got = jax.jit(jax.grad(lambda h, w: loss(fused, h, w), argnums=(0, 1)))(hidden, w)
+        want = jax.jit(jax.grad(lambda h, w: loss(plain, h, w), argnums=(0, 1)))(hidden, w)
+    for g, ref in zip(got, want):
+        assert g.dtype == ref.dtype == dtype
+        scale_of = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref, np.float32), rtol=tol,
+                                   atol=tol * scale_of)

@@ -91,7 +91,9 @@ SCHEMA: dict[str, Any] = {
         "attention": F("auto", "attention kernel; auto = cudnn on GPU, xla elsewhere",
                        ("auto", "xla", "cudnn")),
         "scan_layers": F(True, "stack the layers and scan them: compile time independent of depth"),
-        "logits_chunk_size": F(0, "tokens per chunk for the LM head + log-softmax; 0 = no chunking"),
+        "logits_chunk_size": F(-1, "positions per chunk of the fused LM head + log-softmax (forward and backward); "
+                               "0 = the whole [tokens, vocab] logits at once; -1 = auto: 256 for a vocabulary of "
+                               "65,536 or more, else 0"),
         "trust_remote_code": F(False, "passed to transformers when loading a model config / tokenizer"),
     },
     "lora": {

@@ -110,7 +110,7 @@ def _sequences(rows: Iterable[tuple[str, list[int], list[int]]], vocab_size: int
 
 
 def score_rows(model, rows: Iterable[tuple[str, list[int], list[int]]], mesh, batch_size: int = 8,
-               pad_to_multiple_of: int = 64, pad_id: int = 0, chunk_size: int = 0,
+               pad_to_multiple_of: int = 64, pad_id: int = 0, chunk_size: int = -1,
                vocab_size: int | None = None) -> list[tuple[float, int]]:
     """(summed log-prob, number of completion tokens) for each (where, prompt_ids, completion_ids)."""
     out = apply_batched(model, _sequences(rows, vocab_size), lambda m, b: sequence_logprobs(m, b, chunk_size), mesh,

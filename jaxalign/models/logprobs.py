@@ -8,6 +8,8 @@ to predict the first token of the next.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,33 +29,86 @@ def logit_stats(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
     return {"logp": target_logit - lse, "lse": lse, "correct": correct}
 
 
-def token_stats(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = 0) -> dict[str, jax.Array]:
+# model.logits_chunk_size -1 (auto): the fused head at this many positions a chunk from this vocabulary size up
+# (Llama 3, Qwen2.5; benchmarks/lm_head.py: at 128k, 4 x 2048 tokens, 1.6 GiB of temporaries, not 7.8).
+AUTO_CHUNK, AUTO_VOCAB = 256, 65536
+
+
+def resolve_chunk(chunk_size: int, vocab_size: int) -> int:
+    """The chunk a model.logits_chunk_size means for this vocabulary: -1 = auto, 0 = the whole logits."""
+    return chunk_size if chunk_size >= 0 else AUTO_CHUNK if vocab_size >= AUTO_VOCAB else 0
+
+
+def token_stats(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = -1) -> dict[str, jax.Array]:
     """`logit_stats` of each target given final hidden states [batch, length, embed].
 
-    With `chunk_size` > 0 the vocab projection runs over `chunk_size` positions at a time and is
-    recomputed in the backward pass, so fp32 logits of the whole batch never exist at once.
+    With a chunk (`resolve_chunk`) the LM head and log-softmax run that many positions at a time inside one
+    custom VJP (`fused_logit_stats`), so [tokens, vocab] fp32 logits exist for one chunk at a time, forward
+    and back.
     """
-    length = hidden.shape[1]
-    if chunk_size <= 0 or length <= chunk_size:
+    chunk_size = resolve_chunk(chunk_size, model.cfg.vocab_size)
+    if chunk_size <= 0 or hidden.shape[1] <= chunk_size:
         return logit_stats(model.logits(hidden), targets)
-    pad = -length % chunk_size
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    padded_targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = hidden.shape[1] // chunk_size
-    hs = hidden.reshape(hidden.shape[0], n, chunk_size, -1).swapaxes(0, 1)
-    ts = padded_targets.reshape(targets.shape[0], n, chunk_size).swapaxes(0, 1)
     w = model.output_embedding()
-
-    @jax.checkpoint
-    def chunk(h, t):
-        logits = jnp.einsum("bce,ev->bcv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-        return logit_stats(logits, t)
-
-    out = jax.lax.map(lambda xs: chunk(*xs), (hs, ts))
-    return {k: v.swapaxes(0, 1).reshape(targets.shape[0], -1)[:, :length] for k, v in out.items()}
+    logp, lse, correct = fused_logit_stats(hidden, w.astype(hidden.dtype), targets, chunk_size)
+    return {"logp": logp, "lse": lse, "correct": correct}
 
 
-def token_logprobs(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = 0) -> jax.Array:
+def _chunks(x: jax.Array, size: int) -> jax.Array:
+    """[batch, length, ...] -> [length / size, batch, size, ...], zero-padded: scanned over the unsharded axis."""
+    x = jnp.pad(x, [(0, 0), (0, -x.shape[1] % size)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(x.shape[0], -1, size, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x: jax.Array, length: int) -> jax.Array:
+    return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :length]
+
+
+def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fused_logit_stats(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk_size: int):
+    """(logp, lse, correct) [batch, length] of `logit_stats(hidden @ w, targets)`, chunk by chunk along the length.
+    Hand-written VJP: the backward recomputes a chunk's logits and forms softmax - onehot from the saved lse, so
+    neither pass keeps more than one chunk's [batch, chunk, vocab] arrays (autodiff would keep every chunk's)."""
+    return _fused_forward(hidden, w, targets, chunk_size)[0]
+
+
+def _fused_forward(hidden, w, targets, chunk_size):
+    def one(xs):
+        stats = logit_stats(_chunk_logits(xs[0], w), xs[1])
+        return stats["logp"], stats["lse"], stats["correct"]
+
+    out = jax.lax.map(one, (_chunks(hidden, chunk_size), _chunks(targets, chunk_size)))
+    logp, lse, correct = (_unchunk(x, hidden.shape[1]) for x in out)
+    return (logp, lse, correct), (hidden, w, targets, lse)
+
+
+def _fused_backward(chunk_size, residuals, cotangents):
+    hidden, w, targets, lse = residuals
+    g_logp, g_lse, _ = cotangents  # `correct` is a count: no gradient
+
+    def one(dw, xs):
+        h, t, lse_c, gl, gz = xs
+        logits = _chunk_logits(h, w)
+        # d/dlogits of gl * (logit_t - lse) + gz * lse = (gz - gl) * softmax + gl * onehot(t)
+        g = jnp.exp(logits - lse_c[..., None]) * (gz - gl)[..., None]
+        g = g + jnp.where(jnp.arange(logits.shape[-1]) == t[..., None], gl[..., None], 0.0)
+        dh = jnp.einsum("bcv,ev->bce", g.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum("bce,bcv->ev", h, g.astype(h.dtype), preferred_element_type=jnp.float32)
+        return dw, dh.astype(hidden.dtype)
+
+    xs = tuple(_chunks(x, chunk_size) for x in (hidden, targets, lse, g_logp, g_lse))
+    dw, dh = jax.lax.scan(one, jnp.zeros(w.shape, jnp.float32), xs)
+    return _unchunk(dh, hidden.shape[1]), dw.astype(w.dtype), None
+
+
+fused_logit_stats.defvjp(_fused_forward, _fused_backward)
+
+
+def token_logprobs(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = -1) -> jax.Array:
     """Log-prob of each target given final hidden states [batch, length, embed]."""
     return token_stats(model, hidden, targets, chunk_size)["logp"]
 
@@ -63,7 +118,7 @@ def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask.astype(bool), values, 0.0), axis=-1)
 
 
-def sequence_logprobs(model, batch: dict[str, jax.Array], chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+def sequence_logprobs(model, batch: dict[str, jax.Array], chunk_size: int = -1) -> tuple[jax.Array, jax.Array]:
     """(summed log-prob of the masked targets, number of masked targets) per row."""
     hidden, _ = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
     logp = token_logprobs(model, hidden, batch["targets"], chunk_size)

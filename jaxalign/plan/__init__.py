@@ -55,6 +55,7 @@ from jaxalign.config import apply_overrides, load_stage_config, validate
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig
 from jaxalign.models.flops import matmul_params, train_step_flops
+from jaxalign.models.logprobs import resolve_chunk
 from jaxalign.plan.memory import ACCELERATORS, USABLE_FRACTION, Accelerator, GiB, compiled_memory, estimate_memory
 from jaxalign.plan.step import AbstractStep, build_abstract_step
 from jaxalign.run.build import accumulation_steps, has_reference_forward, initial_model_path, reference_kind
@@ -231,7 +232,7 @@ def _make_plan(cfg, step: AbstractStep, acc: Accelerator, shape, mfu: float, con
     reference = reference_kind(cfg)
     return Plan(config_path=config_path, accelerator=acc, mesh_shape=shape, model_cfg=mc, stage=cfg.stage,
                 reference=reference, rows=rows, micro_rows=rows // accum, length=length, remat=cfg.model.remat,
-                chunk=cfg.model.logits_chunk_size, memory=estimate_memory(cfg, step, acc),
+                chunk=resolve_chunk(cfg.model.logits_chunk_size, mc.vocab_size), memory=estimate_memory(cfg, step, acc),
                 flops=train_step_flops(mc, rows, length, live_reference=has_reference_forward(reference)), mfu=mfu)
 
 
@@ -244,7 +245,7 @@ def _estimate_only(cfg, acc: Accelerator, shape: dict[str, int]) -> Plan:
     return _make_plan(cfg, build_abstract_step(cfg, abstract_mesh(shape, math.prod(shape.values()))), acc, shape, 0.4, "")
 
 
-def candidate_changes(cfg, shape: dict[str, int]) -> list[tuple[str, list[str]]]:
+def candidate_changes(cfg, shape: dict[str, int], vocab_size: int) -> list[tuple[str, list[str]]]:
     """(description, --set overrides) of single changes that lower per-device memory."""
     out = []
     n = math.prod(shape.values())
@@ -253,7 +254,7 @@ def candidate_changes(cfg, shape: dict[str, int]) -> list[tuple[str, list[str]]]
                     ["mesh.data=1", f"mesh.fsdp={shape['fsdp'] * shape['data']}"]))
     if cfg.model.remat != "full":
         out.append(("recompute each layer in the backward pass", ["model.remat=full"]))
-    if cfg.model.logits_chunk_size == 0 or cfg.model.logits_chunk_size > 256:
+    if not 0 < resolve_chunk(cfg.model.logits_chunk_size, vocab_size) <= 256:
         out.append(("compute the LM head 256 positions at a time", ["model.logits_chunk_size=256"]))
     if reference_kind(cfg) == "model":
         out.append(("precompute the reference log-probs (no second model in memory)", ["dpo.reference=precomputed"]))
@@ -295,7 +296,7 @@ def suggestions(cfg, p: Plan, config_path: str = "") -> list[str]:
         return _estimate_only(c, p.accelerator, _shape_of(c, p.devices))
 
     tried = []
-    for desc, sets in candidate_changes(cfg, p.mesh_shape):
+    for desc, sets in candidate_changes(cfg, p.mesh_shape, p.model_cfg.vocab_size):
         try:
             variant = validate(apply_overrides(cfg, sets))
             tried.append((estimate(variant).peak, desc, sets, variant))

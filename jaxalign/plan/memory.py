@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models import ModelConfig
+from jaxalign.models.logprobs import resolve_chunk
 from jaxalign.run.build import accumulation_steps
 from jaxalign.runtime import sharding as sharding_lib
 
@@ -108,7 +109,7 @@ def estimate_memory(cfg, step, accelerator: Accelerator) -> dict[str, float]:
     t_vocab = sharding_lib.logical_axis_size("act_vocab", mc.vocab_size, mesh, rules)
     acts = activation_bytes(mc, cfg.model.remat, micro_rows_per_device, length, a, t_heads, t_kv, t_mlp,
                             fused_attention(cfg, accelerator))
-    chunk = cfg.model.logits_chunk_size
+    chunk = resolve_chunk(cfg.model.logits_chunk_size, mc.vocab_size)
     head_positions = min(chunk, length) if chunk > 0 else length
     logits = 3 * 4 * micro_rows_per_device * head_positions * mc.vocab_size / t_vocab
     memory = {

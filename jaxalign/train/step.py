@@ -47,7 +47,7 @@ def pair_sums(values: jax.Array, batch: Batch) -> jax.Array:
     return jnp.stack(sides).reshape(-1)  # [2, rows, slots]: chosen of every slot, then rejected
 
 
-def token_logps(model, batch: Batch, chunk_size: int = 0, everywhere: bool = False) -> jax.Array:
+def token_logps(model, batch: Batch, chunk_size: int = -1, everywhere: bool = False) -> jax.Array:
     """[rows, length] log-prob of each target token, in either layout: at the loss positions only (0 elsewhere)
     when the batch has a `loss_index` (data/batching.py) unless `everywhere`."""
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
@@ -97,7 +97,7 @@ def ld_token_weights(batch: Batch, ld_alpha: float) -> jax.Array:
     return jax.vmap(row)(mask, batch["segment_ids"], batch["branch_ids"])
 
 
-def sequence_logps(model, batch: Batch, chunk_size: int = 0, ld_alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def sequence_logps(model, batch: Batch, chunk_size: int = -1, ld_alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """([2N] summed completion log-probs (LD-DPO: weighted), [2N] completion tokens) of a DPO batch, chosen
     first, in either layout."""
     logp = token_logps(model, batch, chunk_size)
@@ -132,7 +132,7 @@ class Objective:
     """What a stage trains: its loss and how to normalise it over the whole batch."""
 
     stage: str
-    chunk_size: int = 0
+    chunk_size: int = -1  # model.logits_chunk_size (-1: auto, models/logprobs.resolve_chunk)
     z_loss: float = 0.0
     dpo: PreferenceLoss = PreferenceLoss()
     kto: KTOLoss = KTOLoss()
@@ -197,7 +197,7 @@ class Objective:
                         valid=num_tokens[:pairs] > 0)
 
 
-def reference_logps(ref_model, batch: Batch, chunk_size: int = 0, ld_alpha: float = 1.0) -> jax.Array:
+def reference_logps(ref_model, batch: Batch, chunk_size: int = -1, ld_alpha: float = 1.0) -> jax.Array:
     """[2N] the reference's summed (LD-DPO: weighted) completion log-probs, chosen first (either layout)."""
     return sequence_logps(ref_model, batch, chunk_size, ld_alpha)[0]
 
