@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import yaml
 
-from jaxalign.config.checks import coerce_sources, cross_field_errors, resolve_stage_alias
+from jaxalign.config.checks import coerce_sources, cross_field_errors, resolve_shorthands
 from jaxalign.config.schema import (
     BOOL,
     FLOAT,
@@ -351,7 +351,7 @@ def _check_types(tree: dict, sources: dict) -> dict:
             node[leaf] = _coerce(dotted, f, node[leaf], sources.get(dotted, ""))
         except JaxalignError as e:
             errors.append(str(e))
-    _raise(errors or [msg + _where(sources.get("stage", "")) for msg in resolve_stage_alias(out)])
+    _raise(errors or resolve_shorthands(out, sources))
     return out
 
 

@@ -12,6 +12,7 @@ from jaxalign.config.schema import (
     F_DIVERGENCE_LOSSES,
     LORA_TARGETS,
     PIPELINE_STAGES,
+    PRECISIONS,
     PREFERENCE_STAGES,
     REFERENCE_FREE_LOSSES,
     SMOOTHED_LOSSES,
@@ -204,20 +205,29 @@ def dpo_losses(p: dict) -> tuple[tuple[str, ...], tuple[float, ...]]:
     return tuple(types), tuple(weights)
 
 
-def resolve_stage_alias(tree: dict) -> list[str]:
-    """Stage orpo (simpo) becomes stage dpo with dpo.loss orpo (simpo), in place: the default loss is replaced,
-    a list must hold it already. Returns the error when dpo.loss names another objective."""
-    alias = tree["stage"]
-    if alias not in STAGE_ALIASES:
-        return []
-    loss = tree["dpo"]["loss"]
-    if loss == "sigmoid":  # the default: what `stage: orpo` alone means
-        loss = alias
-    if alias not in ([loss] if isinstance(loss, str) else loss):
-        return [f"config key 'stage' is {alias}, which trains dpo.loss {alias}, but dpo.loss is {loss!r}: set "
-                f"stage dpo to train it, or add {alias} to dpo.loss"]
-    tree["stage"], tree["dpo"]["loss"] = "dpo", loss
-    return []
+def resolve_shorthands(tree: dict, sources: Mapping[str, str]) -> list[str]:
+    """Resolve, in place, the keys that stand for others; returns the errors (`sources`: where each key was set).
+
+    stage orpo (simpo) becomes stage dpo with dpo.loss orpo (simpo): the default loss is replaced, a list must
+    hold it already. model.precision, when set, decides model.dtype and model.param_dtype (PRECISIONS); either
+    set beside it to another dtype is an error."""
+    errors, where = [], lambda key: f" (in {sources[key]})" if sources.get(key) else ""  # noqa: E731
+    alias, loss = tree["stage"], tree["dpo"]["loss"]
+    if alias in STAGE_ALIASES:
+        loss = alias if loss == "sigmoid" else loss  # the default: what `stage: orpo` alone means
+        if alias in ([loss] if isinstance(loss, str) else loss):
+            tree["stage"], tree["dpo"]["loss"] = "dpo", loss
+        else:
+            errors.append(f"config key 'stage' is {alias}, which trains dpo.loss {alias}, but dpo.loss is {loss!r}: "
+                          f"set stage dpo to train it, or add {alias} to dpo.loss{where('stage')}")
+    m = tree["model"]
+    for key, dtype in zip(("dtype", "param_dtype"), PRECISIONS.get(m["precision"], ())):
+        if f"model.{key}" in sources and m[key] != dtype:
+            errors.append(f"config key 'model.{key}' is {m[key]}{where('model.' + key)}, but model.precision "
+                          f"{m['precision']} means {dtype}: set one of them (model.precision '' leaves the dtypes "
+                          "to model.dtype and model.param_dtype)")
+        m[key] = dtype
+    return errors
 
 
 def _dpo_checks(c: dict, need) -> None:

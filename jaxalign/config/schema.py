@@ -24,6 +24,9 @@ SOURCE_KEYS = ("path", "weight", "split", "max_rows")
 MAPPING = "mapping"
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# model.precision -> (model.dtype: compute, model.param_dtype: weights and optimizer state)
+PRECISIONS = {"fp32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16"),
+              "bf16-fp32-master": ("bfloat16", "float32")}
 # The projections LoRA can adapt, by PEFT's module names (models/lora.py maps them onto the weights).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # TRL 1.16's DPOConfig.loss_type names and f_divergence_type names (definitions: jaxalign/train/dpo.py).
@@ -84,8 +87,13 @@ SCHEMA: dict[str, Any] = {
     "model": {
         "path": F("", "HF model dir, hub id or jaxalign checkpoint; '' = random model from model.config"),
         "config": F({}, "inline HF-style model config (model_type, hidden_size, ...) used when path is ''"),
-        "dtype": F("float32", "activation / compute dtype", _DTYPES),
-        "param_dtype": F("float32", "dtype the parameters are stored and updated in", _DTYPES),
+        "precision": F("", "the precision policy, deciding model.dtype and model.param_dtype: fp32; bf16 (bf16 "
+                       "weights, optimizer state and compute); bf16-fp32-master (bf16 compute, fp32 weights and "
+                       "optimizer state); '' = the two dtypes as set. Losses and log-softmax are fp32 in every "
+                       "policy", ("", *PRECISIONS)),
+        "dtype": F("float32", "activation / compute dtype (model.precision sets it)", _DTYPES),
+        "param_dtype": F("float32", "dtype the parameters and optimizer state are stored and updated in "
+                         "(model.precision sets it)", _DTYPES),
         "remat": F("none", "rematerialization policy of the scanned layer body",
                    ("none", "full", "dots", "minimal")),
         "attention": F("auto", "attention kernel; auto = cudnn on GPU, xla elsewhere",
