@@ -100,3 +100,45 @@ def test_fused_lm_head_equals_the_plain_one(dtype, tol):
         scale_of = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref, np.float32), rtol=tol,
                                    atol=tol * scale_of)
+
+
+SPLASH_CFG = dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("length,window", [(256, None), (200, None), (256, 48)], ids=["causal", "padded", "window"])
+def test_splash_attention_equals_the_xla_path(length, window):
+    """The model with model.attention splash (Pallas interpret mode here) against xla, on packed rows (three
+    documents, then padding), GQA (4 query heads on 2 kv heads), a row length that is not a block multiple
+    (200: padded inside), and a sliding window: log-probs of the real tokens and the gradients of every
+    weight, over 8 devices (rows over data and fsdp, heads over tensor)."""
+    from flax import nnx
+
+    from jaxalign.models import ModelConfig, init_model
+    from jaxalign.models.logprobs import token_stats
+
+    cfg = ModelConfig(**SPLASH_CFG, sliding_window=window)
+    col = np.arange(length)
+    segments = np.stack([np.select([col < 70, col < 150, col < length - 20], [1, 2, 3], 0),
+                         np.where(col < length // 2 + 7, 1, 0)] * 2).astype(np.int32)
+    positions = np.stack([np.where(segments[r] > 0, col - np.searchsorted(segments[r], segments[r]), 0)
+                          for r in range(4)]).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(1, 64, (4, length + 1)).astype(np.int32)
+    real = segments > 0
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    results = {}
+    with use_mesh(mesh):
+        for impl in ("xla", "splash"):
+            graphdef, params = nnx.split(init_model(cfg, mesh, seed=0, attention=impl, attention_block=128))
+
+            def loss(p):
+                model = nnx.merge(graphdef, p)
+                hidden, _ = model.hidden_states(tokens[:, :-1], positions, segments)
+                logp = token_stats(model, hidden, tokens[:, 1:], 0)["logp"]
+                return jnp.sum(jnp.where(real, logp, 0.0)), logp
+
+            (_, logp), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+            results[impl] = (np.asarray(logp)[real], jax.device_get(grads))
+    np.testing.assert_allclose(results["splash"][0], results["xla"][0], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), results["splash"][1],
+                 results["xla"][1])

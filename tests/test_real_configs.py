@@ -73,6 +73,9 @@ def test_config_validates_and_its_train_step_lowers_on_its_target(path):
     assert f"mhlo.num_partitions = {devices}" in text_ir
     # Parameters arrive sharded: the embedding is split over fsdp (the "embed" axis of [vocab, embed]).
     assert '"fsdp"' in text_ir
+    # On TPU, model.attention auto is the splash kernel: its forward, dq and dkv Mosaic kernels (per layer body).
+    platform = ACCELERATORS[accelerator].platform
+    assert (text_ir.count("tpu_custom_call") >= 3) == (platform == "tpu" and cfg.model.attention == "auto")
     print(f"{path.stem}: lowered for {ACCELERATORS[accelerator].platform} on {devices} abstract devices "
           f"in {time.perf_counter() - t0:.1f}s")
 

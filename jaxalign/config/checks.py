@@ -97,6 +97,8 @@ def cross_field_errors(c: dict) -> list[tuple[str, str]]:
     need(tmpl in ("",) + CHAT_TEMPLATES or tmpl.endswith(".jinja"), "tokenizer.chat_template",
          f"must be '', one of {', '.join(CHAT_TEMPLATES)}, or a path to a .jinja file")
     need(c["model"]["logits_chunk_size"] >= -1, "model.logits_chunk_size", "must be >= 0, or -1 (auto)")
+    need(c["model"]["attention_block"] >= 128 and c["model"]["attention_block"] % 128 == 0, "model.attention_block",
+         "must be a multiple of 128 (the TPU's lane width)")
 
     need(d["max_length"] >= 1, "data.max_length", "must be >= 1")
     need(1 <= d["max_prompt_length"] < d["max_length"], "data.max_prompt_length",

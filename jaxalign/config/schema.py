@@ -96,8 +96,11 @@ SCHEMA: dict[str, Any] = {
                          "(model.precision sets it)", _DTYPES),
         "remat": F("none", "rematerialization policy of the scanned layer body",
                    ("none", "full", "dots", "minimal")),
-        "attention": F("auto", "attention kernel; auto = cudnn on GPU, xla elsewhere",
-                       ("auto", "xla", "cudnn")),
+        "attention": F("auto", "attention kernel; auto = splash (Pallas, causal + segment-id masks) on TPU, cudnn "
+                       "on GPU, xla elsewhere; splash off TPU runs in Pallas interpret mode (slow: tests)",
+                       ("auto", "xla", "cudnn", "splash")),
+        "attention_block": F(512, "query and key block of the splash kernel, a multiple of 128 (capped at the row "
+                             "length rounded up to 128)"),
         "scan_layers": F(True, "stack the layers and scan them: compile time independent of depth"),
         "logits_chunk_size": F(-1, "positions per chunk of the fused LM head + log-softmax (forward and backward); "
                                "0 = the whole [tokens, vocab] logits at once; -1 = auto: 256 for a vocabulary of "

@@ -11,32 +11,72 @@ not row indices (the chosen reply sits between the prompt and the rejected one).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+from jaxalign.models.splash import SegmentMask, splash_attention
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 log = logging.getLogger(__name__)
 
 
+# The platform a step is traced for when it is lowered ahead of time for another one (`plan`: TPU from a CPU).
+_target: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_target", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+    """Trace attention for `platform` ('tpu', 'cuda', 'cpu'; None: the local backend)."""
+    token = _target.set(platform)
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
+def backend() -> str:
+    target = _target.get()
+    return jax.default_backend() if target is None else {"cuda": "gpu", "rocm": "gpu"}.get(target, target)
+
+
 def resolve(implementation: str) -> str:
-    """`auto`: cuDNN on GPU, the xla path elsewhere."""
+    """`auto`: splash on TPU, cuDNN on GPU, the xla path elsewhere."""
     if implementation == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+        return {"tpu": "splash", "gpu": "cudnn"}.get(backend(), "xla")
     return implementation
+
+
+@functools.lru_cache(maxsize=None)
+def announce(implementation: str) -> None:
+    """Say once per process which attention runs, and what it falls back to."""
+    chosen = resolve(implementation)
+    how = {"xla": "the xla path (grouped matmuls, query blocks that skip masked keys, a dense mask)",
+           "cudnn": "cuDNN through jax.nn.dot_product_attention, given a dense mask",
+           "splash": "the splash Pallas kernel with causal and segment-id masks (interpret mode off TPU); "
+                     "decoding with a KV cache and shared-prompt rows use the xla path"}[chosen]
+    log.info("attention on %s: %s%s", backend(), how, " (model.attention auto)" if implementation ==
+             "auto" else "")
 
 
 @functools.lru_cache(maxsize=None)
 def note_shared_prompt_mask(implementation: str) -> None:
     """Say once (per implementation) how shared-prompt rows are masked: no kernel here fuses their mask."""
-    if resolve(implementation) == "xla":
+    chosen = resolve(implementation)
+    if chosen == "xla":
         log.info("shared-prompt DPO: the xla attention path applies the prompt/branch mask")
+    elif chosen == "splash":
+        log.warning("shared-prompt DPO: the splash kernel's masks cannot say 'the prompt, then only your own "
+                    "reply', so these rows run on the xla path with a dense mask; dpo.share_prompt: false keeps "
+                    "two padded rows per pair on the splash kernel instead")
     else:
         log.warning("shared-prompt DPO: %s attention is given the prompt/branch mask as a dense [batch, length, "
                     "length] mask (no fused prefix-sharing kernel); dpo.share_prompt: false keeps two padded "
-                    "rows per pair instead", resolve(implementation))
+                    "rows per pair instead", chosen)
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0,
@@ -100,13 +140,17 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "auto",
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str = "auto",
               causal: bool = False) -> jax.Array:
-    """`causal`: q and k are the same positions (no KV cache); lets the xla path skip masked blocks."""
+    """`mask`: a dense boolean [B, T, S] mask, or for the splash kernel a `splash.SegmentMask` (the model gives
+    one for causal self-attention without branches). `causal`: q and k are the same positions (no KV cache);
+    lets the xla path skip masked blocks."""
     implementation = resolve(implementation)
-    if implementation == "xla":
+    if isinstance(mask, SegmentMask):
+        return splash_attention(q, k, v, mask, interpret=backend() != "tpu")
+    if implementation in ("xla", "splash"):  # splash: decoding and shared-prompt rows (announce says so)
         return xla_attention(q, k, v, mask, causal)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=None)
     raise NotImplementedError(f"attention implementation {implementation!r} is not available on "
-                              f"{jax.default_backend()}; use one of 'auto', 'xla', 'cudnn'")
+                              f"{jax.default_backend()}; use one of {', '.join(IMPLEMENTATIONS)}")

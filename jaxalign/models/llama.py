@@ -58,11 +58,14 @@ class Decoder(nnx.Module):
     """tokens [batch, length] -> logits [batch, length, vocab] (fp32)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str = "float32",
-                 remat: str = "none", attention: str = "auto", scan_layers: bool = True, rngs: nnx.Rngs):
+                 remat: str = "none", attention: str = "auto", scan_layers: bool = True, attention_block: int = 512,
+                 rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = DTYPES[dtype]
         self.remat = remat
         self.attention_impl = attention
+        self.attention_block = attention_block  # the splash kernel's query and key blocks
+        attn.announce(attention)
         self.scan_layers = scan_layers
         pdt = DTYPES[param_dtype]
         normal = nnx.initializers.normal(cfg.initializer_range)
@@ -106,7 +109,10 @@ class Decoder(nnx.Module):
         cos, sin = rope_tables(positions, inv_freq, self.dtype)
         if branch_ids is not None:
             attn.note_shared_prompt_mask(self.attention_impl)
-        if cache is None:
+        if cache is None and branch_ids is None and attn.resolve(self.attention_impl) == "splash":
+            mask = attn.SegmentMask(segment_ids, self.cfg.sliding_window, self.attention_block)
+            kv_segment_ids, q_offset = None, 0
+        elif cache is None:
             mask = attn.attention_mask(segment_ids, segment_ids, 0, self.cfg.sliding_window, branch_ids, positions)
             kv_segment_ids, q_offset = None, 0
         else:

@@ -69,9 +69,9 @@ def _dtype_bytes(name: str) -> int:
 
 
 def fused_attention(cfg, accelerator: Accelerator) -> bool:
-    """True when attention runs as a fused kernel that keeps no T x T scores (cuDNN on GPU)."""
+    """True when attention runs as a fused kernel that keeps no T x T scores (cuDNN on GPU, splash on TPU)."""
     impl = cfg.model.attention
-    return impl == "cudnn" or (impl == "auto" and accelerator.platform == "cuda")
+    return impl in ("cudnn", "splash") or (impl == "auto" and accelerator.platform in ("cuda", "tpu"))
 
 
 def activation_bytes(mc: ModelConfig, remat: str, rows: int, length: int, a: int, t_heads: int, t_kv: int,

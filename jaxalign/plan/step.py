@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxalign.checkpoint import model_io
 from jaxalign.errors import JaxalignError
-from jaxalign.models import ModelConfig, abstract_model
+from jaxalign.models import ModelConfig, abstract_model, attention
 from jaxalign.models.lora import abstract_adapters
 from jaxalign.models.quant import abstract_quantized
 from jaxalign.run.build import (
@@ -66,13 +66,14 @@ class AbstractStep:
     mesh: Any
     rules: dict[str, Any]
 
-    def trace(self):
-        with use_mesh(self.mesh, self.rules):
+    def trace(self, platform: str | None = None):
+        """Traced for `platform` (attention picks its kernel for it: splash for 'tpu'); None = the local backend."""
+        with use_mesh(self.mesh, self.rules), attention.target_platform(platform):
             return self.jitted.trace(self.state, self.batch, self.frozen)
 
     def lower(self, platform: str | None = None):
         """Lowered for `platform` ('tpu', 'cuda', 'cpu'); None = the local backend."""
-        traced = self.trace()
+        traced = self.trace(platform)
         with use_mesh(self.mesh, self.rules):
             return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
 

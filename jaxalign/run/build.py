@@ -95,7 +95,7 @@ def init_lora_adapters(model_cfg: ModelConfig, spec: LoraSpec, mesh, rules, seed
 def model_options(cfg) -> dict[str, Any]:
     m = cfg.model
     return {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat": m.remat, "attention": m.attention,
-            "scan_layers": m.scan_layers}
+            "scan_layers": m.scan_layers, "attention_block": m.attention_block}
 
 
 def initial_model_path(cfg) -> str:
