@@ -272,3 +272,10 @@ def test_pipeline_recipes_and_the_preference_stages_overrides():
     assert stage_config(cfg, "orpo").dpo.loss == "orpo" and stage_config(cfg, "sft").train.max_steps != 7
     with pytest.raises(JaxalignError, match=r"dpo.overrides: unknown config key 'train.max_step'"):
         stage_config(load_config(None, ["dpo.overrides={train: {max_step: 7}}"]), "kto")
+
+
+def test_wpo_weighting_refuses_the_losses_it_cannot_weigh():
+    load_config(None, ["stage=dpo", "dpo.use_weighting=true", "dpo.loss=[sigmoid, sft]"])
+    for loss in ("[sigmoid, aot]", "simpo"):
+        with pytest.raises(JaxalignError, match=r"dpo.use_weighting.*does not apply to the \['(aot|simpo)'\] loss"):
+            load_config(None, ["stage=dpo", "dpo.use_weighting=true", f"dpo.loss={loss}"])

@@ -44,6 +44,9 @@ CASES = {
     "f_alpha": {"loss": ["robust", "hinge"], "f_divergence_type": "alpha_divergence",
                 "f_alpha_divergence_coef": 0.3, "label_smoothing": 0.1, "lr": SQUARED_LR},
     "ld_alpha": {"loss": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.3},
+    # WPO; not with sft: TRL 1.16 multiplies its expanded batch loss in place and fails ("more than one element of
+    # the written-to tensor refers to a single memory location")
+    "wpo": {"loss": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.1], "use_weighting": True},
 }
 
 

@@ -55,6 +55,8 @@ def test_logit_stats_equals_log_softmax():
                                rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(stats["lse"], jax.nn.logsumexp(logits, -1), rtol=1e-6)
     np.testing.assert_array_equal(stats["correct"], (jnp.argmax(logits, -1) == targets).astype(jnp.float32))
+    np.testing.assert_allclose(logit_stats(logits, targets, squares=True)["lss"],
+                               jnp.log(jnp.sum(jax.nn.softmax(logits) ** 2, -1)), rtol=1e-5, atol=1e-5)
     assert stats["correct"][0, 0] == 1
     got = jax.grad(lambda x: jnp.sum(logit_stats(x, targets)["logp"] + 0.1 * logit_stats(x, targets)["lse"] ** 2))(
         logits)
@@ -66,7 +68,7 @@ def test_logit_stats_equals_log_softmax():
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_fused_lm_head_equals_the_plain_one(dtype, tol):
     """fused_logit_stats (chunks of 8 over a length of 21, so the last chunk is padded) gives logit_stats of the
-    whole [batch, length, vocab] logits: log-probs, logsumexp and hits, and the gradients of a loss of the
+    whole [batch, length, vocab] logits: log-probs, logsumexp, hits and log Σp² (WPO), and the gradients of a loss of the
     log-probs and the logsumexp (z-loss) for the hidden states and the head, over 8 devices (rows sharded)."""
     b, length, e, v = 8, 21, 16, 300
     key = jax.random.key(0)
@@ -77,14 +79,14 @@ def test_fused_lm_head_equals_the_plain_one(dtype, tol):
     scale = jax.random.uniform(jax.random.fold_in(key, 3), (b, length))
 
     def plain(h, w):
-        s = logit_stats(jnp.einsum("ble,ev->blv", h, w, preferred_element_type=jnp.float32), targets)
-        return s["logp"], s["lse"], s["correct"]
+        s = logit_stats(jnp.einsum("ble,ev->blv", h, w, preferred_element_type=jnp.float32), targets, squares=True)
+        return s["logp"], s["lse"], s["correct"], s["lss"]
 
     def fused(h, w):
-        return fused_logit_stats(h, w, targets, 8)
+        return fused_logit_stats(h, w, targets, 8, True)
 
     def loss(fn, h, w):
-        logp, lse, _ = fn(h, w)
+        logp, lse, _, _ = fn(h, w)
         return jnp.sum(scale * logp) + 1e-2 * jnp.sum(lse ** 2)
 
     mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1})

@@ -203,3 +203,15 @@ def test_reference_free_simpo_and_orpo_by_hand():
     loss, m = run("sigmoid", **free)
     assert loss == pytest.approx(float(np.mean(-logsig(BETA * (PC - PR)))), rel=1e-5)
     assert m["rewards/chosen"] == pytest.approx(BETA * PC.mean(), rel=1e-5)
+
+
+def test_wpo_pair_weights_scale_each_pairs_loss_and_the_sft_term_by_their_mean():
+    """WPO: pair i's losses times w_i; the sft term (a batch term) times the mean weight, as TRL applies the
+    weights to its expanded batch loss."""
+    w = np.array([0.5, 0.2])
+    loss, m = dpo_loss(jnp.asarray(POLICY), jnp.asarray(REF), jnp.asarray(LENGTHS), jnp.asarray(2),
+                       spec("sigmoid", "sft", weights=(1.0, 0.5), use_weighting=True), pair_weights=jnp.asarray(w),
+                       chosen_nll_sum=jnp.asarray(30.0), chosen_tokens_total=jnp.asarray(9))
+    sigmoid = np.mean([-log_sigmoid(BETA * d) * wi for d, wi in zip(D, w)])
+    assert float(loss) == pytest.approx(sigmoid + 0.5 * 30.0 / 9 * w.mean(), rel=1e-6)
+    assert float(m["nll_loss"]) == pytest.approx(30.0 / 9) and float(m["rewards/margins"]) == pytest.approx(BETA * D.mean())

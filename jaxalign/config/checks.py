@@ -250,6 +250,9 @@ def _dpo_checks(c: dict, need) -> None:
     free = [t for t in types if t in REFERENCE_FREE_LOSSES]
     need(not free or p["reference"] in ("auto", "none"), "dpo.reference",
          f"must be none (or auto) for the {', '.join(free)} loss, which is defined without a reference model")
+    unweighted = [t for t in types if t in ("aot", "aot_unpaired", *REFERENCE_FREE_LOSSES)]
+    need(not p["use_weighting"] or not unweighted, "dpo.use_weighting", f"does not apply to the {unweighted} loss: "
+         "aot sorts pairs (per-pair weights would not follow them, as TRL refuses), simpo and orpo are not DPO's")
     need("orpo" not in types or "sft" not in types, "dpo.loss", "orpo includes ORPO's NLL term (of the prompt and "
          "chosen reply, as TRL's ORPOTrainer): drop sft from the list")
     off = [t for t in types if t not in F_DIVERGENCE_LOSSES]

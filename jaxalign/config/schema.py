@@ -248,6 +248,8 @@ SCHEMA: dict[str, Any] = {
         "discopop_tau": F(0.05, "temperature of the discopop loss's mixing"),
         "ld_alpha": F(1.0, "LD-DPO: weight of reply tokens past the shorter reply's length, in [0, 1]; 1 = off"),
         "simpo_gamma": F(0.5, "SimPO's target reward margin (TRL's simpo_gamma)"),
+        "use_weighting": F(False, "WPO (TRL's use_weighting): weigh each pair's losses by exp(the mean over its "
+                           "chosen reply of log p - log Σp²) times the same over its rejected reply; not trained"),
         "sft_weight": F(0.0, "old spelling of an sft term: sft_weight w means dpo.loss [<loss>, sft] with "
                         "dpo.loss_weights [1, w]; 0 = off"),
         "share_prompt": F(True, "lay a pair out as prompt, chosen, rejected in one row (the prompt computed once; "

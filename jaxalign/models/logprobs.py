@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
-def logit_stats(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
-    """Per target: log softmax(logits)[target] ("logp"), logsumexp ("lse"), argmax == target ("correct").
+def logit_stats(logits: jax.Array, targets: jax.Array, squares: bool = False) -> dict[str, jax.Array]:
+    """Per target: log softmax(logits)[target] ("logp"), logsumexp ("lse"), argmax == target ("correct"), and with
+    `squares` log Σ softmax² ("lss", WPO's weights; not differentiated).
 
     One max over the vocab serves both the stable logsumexp and "correct" (the target's logit is the
     largest; on an exact tie any of the tied tokens counts, where argmax would pick the first): an
@@ -26,7 +27,11 @@ def logit_stats(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
     lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     correct = (target_logit >= top).astype(jnp.float32)
-    return {"logp": target_logit - lse, "lse": lse, "correct": correct}
+    out = {"logp": target_logit - lse, "lse": lse, "correct": correct}
+    if squares:
+        shifted = jax.lax.stop_gradient(logits - lse[..., None])
+        out["lss"] = jnp.log(jnp.sum(jnp.exp(2 * shifted), axis=-1))
+    return out
 
 
 # model.logits_chunk_size -1 (auto): the fused head at this many positions a chunk from this vocabulary size up
@@ -39,7 +44,8 @@ def resolve_chunk(chunk_size: int, vocab_size: int) -> int:
     return chunk_size if chunk_size >= 0 else AUTO_CHUNK if vocab_size >= AUTO_VOCAB else 0
 
 
-def token_stats(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = -1) -> dict[str, jax.Array]:
+def token_stats(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = -1,
+                squares: bool = False) -> dict[str, jax.Array]:
     """`logit_stats` of each target given final hidden states [batch, length, embed].
 
     With a chunk (`resolve_chunk`) the LM head and log-softmax run that many positions at a time inside one
@@ -48,10 +54,10 @@ def token_stats(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = 
     """
     chunk_size = resolve_chunk(chunk_size, model.cfg.vocab_size)
     if chunk_size <= 0 or hidden.shape[1] <= chunk_size:
-        return logit_stats(model.logits(hidden), targets)
+        return logit_stats(model.logits(hidden), targets, squares)
     w = model.output_embedding()
-    logp, lse, correct = fused_logit_stats(hidden, w.astype(hidden.dtype), targets, chunk_size)
-    return {"logp": logp, "lse": lse, "correct": correct}
+    logp, lse, correct, lss = fused_logit_stats(hidden, w.astype(hidden.dtype), targets, chunk_size, squares)
+    return {"logp": logp, "lse": lse, "correct": correct} | ({"lss": lss} if squares else {})
 
 
 def _chunks(x: jax.Array, size: int) -> jax.Array:
@@ -68,27 +74,28 @@ def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def fused_logit_stats(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk_size: int):
-    """(logp, lse, correct) [batch, length] of `logit_stats(hidden @ w, targets)`, chunk by chunk along the length.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_logit_stats(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk_size: int, squares: bool = False):
+    """(logp, lse, correct, lss: zeros unless `squares`) [batch, length] of `logit_stats(hidden @ w, targets)`, chunk
+    by chunk along the length.
     Hand-written VJP: the backward recomputes a chunk's logits and forms softmax - onehot from the saved lse, so
     neither pass keeps more than one chunk's [batch, chunk, vocab] arrays (autodiff would keep every chunk's)."""
-    return _fused_forward(hidden, w, targets, chunk_size)[0]
+    return _fused_forward(hidden, w, targets, chunk_size, squares)[0]
 
 
-def _fused_forward(hidden, w, targets, chunk_size):
+def _fused_forward(hidden, w, targets, chunk_size, squares):
     def one(xs):
-        stats = logit_stats(_chunk_logits(xs[0], w), xs[1])
-        return stats["logp"], stats["lse"], stats["correct"]
+        stats = logit_stats(_chunk_logits(xs[0], w), xs[1], squares)
+        return stats["logp"], stats["lse"], stats["correct"], stats.get("lss", jnp.zeros_like(stats["lse"]))
 
     out = jax.lax.map(one, (_chunks(hidden, chunk_size), _chunks(targets, chunk_size)))
-    logp, lse, correct = (_unchunk(x, hidden.shape[1]) for x in out)
-    return (logp, lse, correct), (hidden, w, targets, lse)
+    logp, lse, correct, lss = (_unchunk(x, hidden.shape[1]) for x in out)
+    return (logp, lse, correct, lss), (hidden, w, targets, lse)
 
 
-def _fused_backward(chunk_size, residuals, cotangents):
+def _fused_backward(chunk_size, squares, residuals, cotangents):
     hidden, w, targets, lse = residuals
-    g_logp, g_lse, _ = cotangents  # `correct` is a count: no gradient
+    g_logp, g_lse, _, _ = cotangents  # `correct` is a count and `lss` a weight: no gradient
 
     def one(dw, xs):
         h, t, lse_c, gl, gz = xs

@@ -44,7 +44,7 @@ def objective_from_config(cfg) -> Objective:
     dpo = PreferenceLoss(loss_types=types, loss_weights=weights, beta=p.beta, label_smoothing=p.label_smoothing,
                          f_divergence=p.f_divergence_type, f_alpha=p.f_alpha_divergence_coef,
                          discopop_tau=p.discopop_tau, ld_alpha=p.ld_alpha, simpo_gamma=p.simpo_gamma,
-                         reference_free=reference_kind(cfg) == "none")
+                         use_weighting=p.use_weighting, reference_free=reference_kind(cfg) == "none")
     kto = KTOLoss(beta=p.beta, desirable_weight=cfg.kto.desirable_weight,
                   undesirable_weight=cfg.kto.undesirable_weight, loss_type=cfg.kto.loss_type)
     return Objective(stage=cfg.stage, chunk_size=cfg.model.logits_chunk_size, z_loss=cfg.sft.z_loss, dpo=dpo, kto=kto,

@@ -31,6 +31,7 @@ class PreferenceLoss:
     discopop_tau: float = 0.05
     ld_alpha: float = 1.0  # LD-DPO: weight of the reply tokens past the shorter reply's length; 1 = off
     simpo_gamma: float = 0.5  # SimPO's target margin
+    use_weighting: bool = False  # WPO: each pair's losses times its weight (train/step.py computes it)
     # No reference (CPO, SimPO, ORPO): the log-ratios are the policy's log-probs, and the rewards and logps/*
     # metrics are TRL's CPO/ORPO trainers': token means where a loss is length-normalised, else sums.
     reference_free: bool = False
@@ -134,8 +135,8 @@ def pair_losses(kind: str, spec: PreferenceLoss, chosen_ratio: jax.Array, reject
 
 def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, num_tokens: jax.Array, num_pairs: jax.Array,
              spec: PreferenceLoss, *, chosen_nll_sum: jax.Array | None = None,
-             chosen_tokens_total: jax.Array | None = None,
-             valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+             chosen_tokens_total: jax.Array | None = None, valid: jax.Array | None = None,
+             pair_weights: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective's loss and TRL's metrics for a micro-batch of pairs.
 
     policy_logps, ref_logps, num_tokens: [2B] summed (LD-DPO: weighted) completion log-probs and completion
@@ -143,6 +144,7 @@ def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, num_tokens: jax.Arra
     The `sft` term is chosen_nll_sum / chosen_tokens_total: the token-mean NLL of the batch's chosen replies
     (for `orpo`, which includes it, of the prompts and chosen replies, as TRL's ORPOTrainer counts it).
     `valid` [B] marks real pairs; padding pairs (an eval batch's tail, empty slots) contribute nothing.
+    `pair_weights` [B] (WPO) multiply every term's per-pair loss, the `sft` term's as TRL's: nll × their mean.
     """
     b = policy_logps.shape[0] // 2
     chosen_ratio = policy_logps[:b] - ref_logps[:b]
@@ -151,14 +153,16 @@ def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, num_tokens: jax.Arra
     w = jnp.ones((b,), bool) if valid is None else valid
     mean = lambda x, weight=w: jnp.sum(x * weight.astype(jnp.float32)) / n  # noqa: E731
     loss, metrics = jnp.float32(0.0), {}
+    pw = jnp.ones((b,), jnp.float32) if pair_weights is None else pair_weights
     for kind, weight in zip(spec.loss_types, spec.loss_weights):
         if kind in ("sft", "orpo"):  # ORPO is its odds-ratio term plus this NLL (of prompt and reply: see step.py)
             nll = chosen_nll_sum / jnp.maximum(chosen_tokens_total, 1).astype(jnp.float32)
-            loss, metrics["nll_loss"] = loss + weight * nll, nll
+            scaled = nll if pair_weights is None else nll * mean(pw)
+            loss, metrics["nll_loss"] = loss + weight * scaled, nll
         if kind != "sft":
             losses, places = pair_losses(kind, spec, chosen_ratio, rejected_ratio, num_tokens, policy_logps,
                                          ref_logps, w)
-            loss = loss + weight * mean(losses, places)
+            loss = loss + weight * mean(losses * pw, places)
     # Rewards come from the log-ratios whatever the loss and f-divergence (reference-free: see mean_rewards).
     if spec.mean_rewards:
         per_token = jnp.maximum(num_tokens, 1).astype(jnp.float32)

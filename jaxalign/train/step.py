@@ -47,19 +47,26 @@ def pair_sums(values: jax.Array, batch: Batch) -> jax.Array:
     return jnp.stack(sides).reshape(-1)  # [2, rows, slots]: chosen of every slot, then rejected
 
 
-def token_logps(model, batch: Batch, chunk_size: int = -1, everywhere: bool = False) -> jax.Array:
+def token_logps(model, batch: Batch, chunk_size: int = -1, everywhere: bool = False,
+                squares: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """[rows, length] log-prob of each target token, in either layout: at the loss positions only (0 elsewhere)
-    when the batch has a `loss_index` (data/batching.py) unless `everywhere`."""
+    when the batch has a `loss_index` (data/batching.py) unless `everywhere`. With `squares`, (log-probs,
+    log Σ softmax² of each position: WPO's)."""
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
                                     branch_ids=batch.get("branch_ids"))
+    keys = ("logp", "lss") if squares else ("logp",)
     if everywhere or "loss_index" not in batch:
-        return token_stats(model, hidden, batch["targets"], chunk_size)["logp"]
-    index = batch["loss_index"]
-    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
-    logp = token_stats(model, picked, jnp.take_along_axis(batch["targets"], index, axis=1), chunk_size)["logp"]
-    real = jnp.arange(index.shape[1]) < jnp.sum(batch["loss_mask"].astype(jnp.int32), axis=1, keepdims=True)
-    rows = jnp.arange(index.shape[0])[:, None]
-    return jnp.zeros(batch["targets"].shape, logp.dtype).at[rows, index].add(jnp.where(real, logp, 0))
+        stats = token_stats(model, hidden, batch["targets"], chunk_size, squares)
+        out = [stats[k] for k in keys]
+    else:
+        index = batch["loss_index"]
+        picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
+        stats = token_stats(model, picked, jnp.take_along_axis(batch["targets"], index, axis=1), chunk_size, squares)
+        real = jnp.arange(index.shape[1]) < jnp.sum(batch["loss_mask"].astype(jnp.int32), axis=1, keepdims=True)
+        rows = jnp.arange(index.shape[0])[:, None]
+        out = [jnp.zeros(batch["targets"].shape, stats[k].dtype).at[rows, index].add(jnp.where(real, stats[k], 0))
+               for k in keys]
+    return tuple(out) if squares else out[0]
 
 
 def prompt_targets(batch: Batch) -> jax.Array:
@@ -176,7 +183,15 @@ class Objective:
 
     def preference(self, model, batch: Batch, norms: dict[str, jax.Array], ref_model=None):
         spec = self.dpo
-        logp = token_logps(model, batch, self.chunk_size, everywhere="orpo" in spec.loss_types)  # ORPO: the prompt's
+        logp = token_logps(model, batch, self.chunk_size, everywhere="orpo" in spec.loss_types,  # ORPO: the prompt's
+                           squares=spec.use_weighting)
+        pair_weights = None
+        if spec.use_weighting:  # WPO (TRL's use_weighting): exp(mean of log p - log Σp² over each reply), not trained
+            logp, lss = logp
+            counts = jnp.maximum(completion_tokens(batch), 1).astype(jnp.float32)
+            mean = pair_sums(jax.lax.stop_gradient(logp - lss), batch) / counts
+            weights = jnp.exp(mean)
+            pair_weights = weights[:weights.shape[0] // 2] * weights[weights.shape[0] // 2:]
         plain = pair_sums(logp, batch)
         policy_logps = plain if not spec.length_desensitised else pair_sums(
             logp * ld_token_weights(batch, spec.ld_alpha), batch)
@@ -194,7 +209,7 @@ class Objective:
             nll = {"chosen_nll_sum": nll["chosen_nll_sum"] - jnp.sum(jnp.where(prompt_targets(batch), logp, 0)),
                    "chosen_tokens_total": norms["chosen_sequence_tokens"]}
         return dpo_loss(policy_logps, jax.lax.stop_gradient(ref_logps), num_tokens, norms["pairs"], spec, **nll,
-                        valid=num_tokens[:pairs] > 0)
+                        valid=num_tokens[:pairs] > 0, pair_weights=pair_weights)
 
 
 def reference_logps(ref_model, batch: Batch, chunk_size: int = -1, ld_alpha: float = 1.0) -> jax.Array:
