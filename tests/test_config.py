@@ -279,3 +279,11 @@ def test_wpo_weighting_refuses_the_losses_it_cannot_weigh():
     for loss in ("[sigmoid, aot]", "simpo"):
         with pytest.raises(JaxalignError, match=r"dpo.use_weighting.*does not apply to the \['(aot|simpo)'\] loss"):
             load_config(None, ["stage=dpo", "dpo.use_weighting=true", f"dpo.loss={loss}"])
+
+
+def test_kto_unpaired_format_and_wpo_with_micro_batches():
+    cfg = load_config(None, ["stage=kto", "data.format=unpaired"])
+    assert cfg.data.format == "unpaired"
+    with pytest.raises(JaxalignError, match=r"dpo.use_weighting.*needs the whole batch in one micro-batch"):
+        load_config(None, ["stage=dpo", "dpo.use_weighting=true", "dpo.loss=[sigmoid, sft]", "train.batch_size=8",
+                           "train.micro_batch_size=4"])

@@ -125,3 +125,20 @@ def test_kto_config_rules():
         resolve_format(["prompt", "completion", "label"], "auto", "sft")
     with pytest.raises(JaxalignError, match="stage kto needs unpaired rows"):
         resolve_format(["messages"], "auto", "kto")
+
+
+def test_the_report_finds_no_held_out_pairs_in_unpaired_kto_data(tmp_path):
+    """A [sft, kto] pipeline on unpaired rows (format auto or declared) measures no pairs; on pairs it does."""
+    import json
+
+    from jaxalign.config import load_config, stage_config
+    from jaxalign.eval.evaluate import _unpaired
+
+    unpaired, pairs = tmp_path / "u.jsonl", tmp_path / "p.jsonl"
+    unpaired.write_text(json.dumps({"prompt": "Hi", "completion": "Hello", "label": True}) + "\n")
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}) + "\n")
+    for path, fmt, want in ((unpaired, "auto", True), (unpaired, "unpaired", True), (pairs, "auto", False)):
+        cfg = load_config(None, ["pipeline.stages=[sft, kto]", f"dpo.overrides.data.train={path}",
+                                 f"dpo.overrides.data.format={fmt}", f"data.cache_dir={tmp_path / 'cache'}"])
+        assert _unpaired(stage_config(cfg, "kto")) is want, (path.name, fmt)
+    assert _unpaired(stage_config(load_config(None, [f"data.train={unpaired}"]), "dpo")) is False

@@ -229,3 +229,13 @@ def test_log_probs_at_the_loss_positions_equal_those_of_every_position(share_pro
             (_, want), want_grads = jax.jit(jax.value_and_grad(summed, has_aux=True))(params, full)
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, want_grads)
+
+
+def test_loss_index_widths_are_few_per_row_length():
+    """Widths are the pad multiple times 1, 2, 3, 4, 6, 8, 12, ...: the least fitting the fullest row, capped at
+    the row length, so a row length meets a few compiled widths rather than one per multiple."""
+    from jaxalign.data.batching import loss_width
+
+    got = [loss_width([c, 3], 64, 1024) for c in (0, 1, 64, 65, 129, 192, 193, 257, 385, 513, 800, 1000)]
+    assert got == [64, 64, 64, 128, 192, 192, 256, 384, 512, 768, 1024, 1024]
+    assert loss_width([300], 64, 320) == 320 and len({loss_width([c], 64, 2048) for c in range(1, 2049)}) == 10

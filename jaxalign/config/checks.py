@@ -250,6 +250,9 @@ def _dpo_checks(c: dict, need) -> None:
     free = [t for t in types if t in REFERENCE_FREE_LOSSES]
     need(not free or p["reference"] in ("auto", "none"), "dpo.reference",
          f"must be none (or auto) for the {', '.join(free)} loss, which is defined without a reference model")
+    need(not (p["use_weighting"] and "sft" in types and c["train"]["micro_batch_size"]), "dpo.use_weighting",
+         "with an sft term needs the whole batch in one micro-batch (train.micro_batch_size 0): the term is the "
+         "batch's NLL times its mean pair weight, which micro-batches cannot add up to")
     unweighted = [t for t in types if t in ("aot", "aot_unpaired", *REFERENCE_FREE_LOSSES)]
     need(not p["use_weighting"] or not unweighted, "dpo.use_weighting", f"does not apply to the {unweighted} loss: "
          "aot sorts pairs (per-pair weights would not follow them, as TRL refuses), simpo and orpo are not DPO's")

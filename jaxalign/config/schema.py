@@ -139,7 +139,7 @@ SCHEMA: dict[str, Any] = {
                   type=STR_OR_LIST),
         "eval_fraction": F(0.0, "fraction of data.train held out for eval when data.eval is ''"),
         "format": F("auto", "row format; auto = detect from the columns",
-                    ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "preference")),
+                    ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "preference", "unpaired")),
         "split": F("train", "split to read from hub / datasets sources"),
         "max_length": F(1024, "max tokens per sequence (prompt + completion)"),
         "max_prompt_length": F(512, "max prompt tokens; longer prompts are truncated per data.truncation"),

@@ -4,7 +4,8 @@ Padded DPO layout (dpo.share_prompt: false, and the reward model): B pairs give 
 first: row i is prompt + chosen of pair i and row B + i is prompt + rejected of the same pair, each
 trained (loss_mask) on its completion targets only. The length is the longest row rounded up to a
 multiple of `data.pad_to_multiple_of` (capped at data.max_length), so only max_length / multiple
-distinct shapes ever compile. Rows that pad a short final batch (`num_pairs` > len(pairs)) have an
+distinct shapes ever compile (times the few
+`loss_index` widths below). Rows that pad a short final batch (`num_pairs` > len(pairs)) have an
 all-zero loss_mask; real DPO rows never do.
 
 Shared-prompt layout (dpo.share_prompt): a pair is one run of P + C + R + 1 tokens in a row,
@@ -22,9 +23,10 @@ arrays (`ref_logps`) are [rows, slots, 2] (chosen, rejected), KTO's `label` [row
 split by rows.
 
 Either pair layout also carries `loss_index` [rows, width]: each row's loss positions in order, then
-padding, `width` a multiple of `pad_to_multiple_of` fitting the batch's fullest row (every process's
-the same: all of them see every pair's lengths). The log-probs are computed at those positions only:
-on HH-RLHF pairs about 40% of a row's positions, and the LM head is the largest matmul of a small model.
+padding; `width` is `pad_to_multiple_of` times 1, 2, 3, 4, 6, 8, 12, ..., the least that fits the batch's
+fullest row, capped at the row length (every process's the same: all of them see every pair's lengths).
+The log-probs are computed at those positions only: on HH-RLHF pairs about 40% of a row's positions, and
+the LM head is the largest matmul of a small model.
 """
 
 from __future__ import annotations
@@ -47,8 +49,13 @@ def bucket_length(n: int, multiple: int, max_length: int) -> int:
 
 
 def loss_width(counts: Sequence[int], multiple: int, length: int) -> int:
-    """The `loss_index` width of a batch whose rows have `counts` loss positions."""
-    return max(1, min(round_up(max(counts, default=0), multiple), length))
+    """The `loss_index` width of a batch whose rows have `counts` loss positions: `multiple` times 1, 2, 3, 4, 6,
+    8, 12, ... (two sizes an octave, so a row length meets a few widths and the step compiles a few shapes per
+    length, not one per multiple), capped at the row length."""
+    blocks = -(-max(counts, default=0) // max(multiple, 1))
+    k = max(blocks - 1, 0).bit_length()  # 2**k >= blocks
+    size = 3 << (k - 2) if k >= 2 and 3 << (k - 2) >= blocks else 1 << k
+    return max(1, min(max(multiple, 1) * size, length))
 
 
 def with_loss_index(batch: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxalign.checkpoint import model_io
 from jaxalign.config import stage_config
 from jaxalign.data.examples import encode_prompt
+from jaxalign.data.formats import detect_format
 from jaxalign.data.pipeline import load_examples
 from jaxalign.data.sources import load_rows
 from jaxalign.data.tokenize import resolve_cache_dir, tokenize_dataset
@@ -62,13 +63,25 @@ def _held_out_examples(path: str, stage_cfg, tokenizer, stage: str) -> Sequence[
     return load_examples(stage_cfg, tokenizer, stage=stage)[1]
 
 
+def _unpaired(stage_cfg) -> bool:
+    """Whether a KTO stage trains on unpaired rows (declared, or detected from its first source's columns)."""
+    data = stage_cfg.data
+    if stage_cfg.stage != "kto" or data.format not in ("auto", "unpaired"):
+        return False
+    source = data.eval or data.train
+    first = source if isinstance(source, str) else source[0] if source else ""
+    first = first.get("path", "") if isinstance(first, Mapping) else first
+    return data.format == "unpaired" or (bool(first) and detect_format(
+        load_rows(first, data.split, max_rows=1).column_names) == "unpaired")
+
+
 def load_held_out(cfg, tokenizer) -> HeldOut:
     """eval.sft_data / eval.preference_data / eval.prompts; the data default to each stage's validation split."""
     # The preference stage's data (pipeline.stages' last, its dpo.overrides applied); KTO's unpaired rows give no pairs.
     sft_cfg, pref_cfg = stage_config(cfg, "sft"), stage_config(cfg, cfg.pipeline.stages[-1])
     sft_examples = _held_out_examples(cfg.eval.sft_data, sft_cfg, tokenizer, "sft")
-    unpaired = pref_cfg.data.format == "unpaired" and not cfg.eval.preference_data
-    pairs = [] if unpaired else _held_out_examples(cfg.eval.preference_data, pref_cfg, tokenizer, "dpo")
+    pairs = [] if not cfg.eval.preference_data and _unpaired(pref_cfg) else _held_out_examples(
+        cfg.eval.preference_data, pref_cfg, tokenizer, "dpo")
     if cfg.eval.prompts == HELD_OUT:  # the held-out pairs' prompts, as tokenized (the judge reads them decoded)
         prompts = [{"prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True), "prompt_ids": p["prompt_ids"]}
                    for p in pairs]

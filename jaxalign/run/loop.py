@@ -277,10 +277,10 @@ class Trainer(RunCheckpoints):
                 if step < end:
                     feed.prefetch()  # host work for the next step while the device runs this one
                 self.trained_position = position = drawn.position
-                rows, length = batch["tokens"].shape  # model FLOPs of the padded batch, as plan and MFU count them
+                head = None if "orpo" in self.objective.dpo.loss_types else batch.get("loss_index")  # ORPO: everywhere
                 pending.append({**metrics, "model_flops": train_step_flops(
-                    self.model_cfg, rows, length, live_reference=has_reference_forward(self.reference),
-                    head_positions=getattr(batch.get("loss_index"), "size", None))["total"]})
+                    self.model_cfg, *batch["tokens"].shape, live_reference=has_reference_forward(self.reference),
+                    head_positions=getattr(head, "size", None))["total"]})
                 if step == 1 and self.lora and self.reference == "adapters_off":
                     check_policy_is_reference(metrics)
                 kind = int(metrics["nonfinite"])
