@@ -36,21 +36,21 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 # The stages that start from dpo.init_from beside a frozen reference (dpo.reference), on preference data.
 PREFERENCE_STAGES = ("dpo", "kto")
-# Stage names for a reference-free loss: stage orpo is stage dpo with dpo.loss orpo (checks.resolve_stage_alias).
+# Stage names for a reference-free loss: stage orpo is stage dpo with dpo.loss orpo (checks.resolve_shorthands).
 STAGE_ALIASES = ("orpo", "simpo")
 # `jaxalign pipeline` recipes: the stages before the last, then the one it reports on and exports.
 PIPELINE_STAGES = [["sft", final] for final in ("dpo", "kto", *STAGE_ALIASES)] + \
     [["sft", "rm", final] for final in ("dpo", *STAGE_ALIASES)] + [[final] for final in STAGE_ALIASES]
-
-
-def overrides_section(stage: str) -> str:
-    """The section whose `overrides` a pipeline stage takes: every preference stage's is dpo.overrides."""
-    return "dpo" if stage in (*PREFERENCE_STAGES, *STAGE_ALIASES) else stage
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # f-DPO leaves a β·log Z(x) term that cancels only in the chosen - rejected difference of scores (TRL's rule).
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 # The losses label_smoothing enters (sigmoid as conservative DPO, as TRL did before 1.0).
 SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
+
+
+def overrides_section(stage: str) -> str:
+    """The section whose `overrides` a pipeline stage takes: every preference stage's is dpo.overrides."""
+    return "dpo" if stage in (*PREFERENCE_STAGES, *STAGE_ALIASES) else stage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,8 @@ Padded DPO layout (dpo.share_prompt: false, and the reward model): B pairs give 
 first: row i is prompt + chosen of pair i and row B + i is prompt + rejected of the same pair, each
 trained (loss_mask) on its completion targets only. The length is the longest row rounded up to a
 multiple of `data.pad_to_multiple_of` (capped at data.max_length), so only max_length / multiple
-distinct shapes ever compile (times the few
-`loss_index` widths below). Rows that pad a short final batch (`num_pairs` > len(pairs)) have an
-all-zero loss_mask; real DPO rows never do.
+distinct shapes ever compile (times the few `loss_index` widths below). Rows that pad a short final
+batch (`num_pairs` > len(pairs)) have an all-zero loss_mask; real DPO rows never do.
 
 Shared-prompt layout (dpo.share_prompt): a pair is one run of P + C + R + 1 tokens in a row,
 

@@ -277,7 +277,7 @@ class Trainer(RunCheckpoints):
                 if step < end:
                     feed.prefetch()  # host work for the next step while the device runs this one
                 self.trained_position = position = drawn.position
-                head = None if "orpo" in self.objective.dpo.loss_types else batch.get("loss_index")  # ORPO: everywhere
+                head = None if self.objective.head_everywhere else batch.get("loss_index")  # model FLOPs of the head
                 pending.append({**metrics, "model_flops": train_step_flops(
                     self.model_cfg, *batch["tokens"].shape, live_reference=has_reference_forward(self.reference),
                     head_positions=getattr(head, "size", None))["total"]})

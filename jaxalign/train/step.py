@@ -145,6 +145,11 @@ class Objective:
     kto: KTOLoss = KTOLoss()
     center_rewards_coefficient: float = 0.0
 
+    @property
+    def head_everywhere(self) -> bool:
+        """ORPO's NLL counts the prompt: its log-probs are needed at every position, not at `loss_index` only."""
+        return self.stage == "dpo" and "orpo" in self.dpo.loss_types
+
     def normalisers(self, batch: Batch) -> dict[str, jax.Array]:
         mask = batch["loss_mask"].astype(jnp.int32)
         if self.stage == "sft":
@@ -183,12 +188,12 @@ class Objective:
 
     def preference(self, model, batch: Batch, norms: dict[str, jax.Array], ref_model=None):
         spec = self.dpo
-        logp = token_logps(model, batch, self.chunk_size, everywhere="orpo" in spec.loss_types,  # ORPO: the prompt's
-                           squares=spec.use_weighting)
+        logp = token_logps(model, batch, self.chunk_size, everywhere=self.head_everywhere, squares=spec.use_weighting)
+        num_tokens = completion_tokens(batch)
         pair_weights = None
         if spec.use_weighting:  # WPO (TRL's use_weighting): exp(mean of log p - log Σp² over each reply), not trained
             logp, lss = logp
-            counts = jnp.maximum(completion_tokens(batch), 1).astype(jnp.float32)
+            counts = jnp.maximum(num_tokens, 1).astype(jnp.float32)
             mean = pair_sums(jax.lax.stop_gradient(logp - lss), batch) / counts
             weights = jnp.exp(mean)
             pair_weights = weights[:weights.shape[0] // 2] * weights[weights.shape[0] // 2:]
@@ -201,7 +206,6 @@ class Objective:
             ref_logps = batch_ref_logps(batch)
         else:
             ref_logps = reference_logps(ref_model, batch, self.chunk_size, spec.ld_alpha)
-        num_tokens = completion_tokens(batch)
         pairs = policy_logps.shape[0] // 2
         # The `sft` term is the NLL of the chosen replies' tokens, unweighted by LD-DPO; ORPO's adds the prompt's.
         nll = {"chosen_nll_sum": -jnp.sum(plain[:pairs]), "chosen_tokens_total": norms["chosen_tokens"]}
