@@ -142,5 +142,6 @@ def test_splash_attention_equals_the_xla_path(length, window):
             (_, logp), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
             results[impl] = (np.asarray(logp)[real], jax.device_get(grads))
     np.testing.assert_allclose(results["splash"][0], results["xla"][0], rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), results["splash"][1],
-                 results["xla"][1])
+    # atol from each gradient's own scale: fp32 sums in another order differ by ~1e-6 of it.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+                 results["splash"][1], results["xla"][1])

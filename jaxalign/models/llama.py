@@ -17,6 +17,7 @@ from flax import nnx
 from jaxalign.errors import JaxalignError
 from jaxalign.models import attention as attn, quant
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.dots import flat_dot
 from jaxalign.models.lora import LoraInputs, delta, dropped
 from jaxalign.models.params import params_of
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
@@ -146,7 +147,7 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits for hidden states [..., embed]."""
         w = self.output_embedding().astype(self.dtype)
-        out = jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)
+        out = flat_dot(hidden, w, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "act_vocab")) if out.ndim == 3 else out
 
     def rewards(self, hidden: jax.Array, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -179,8 +180,8 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array
     """One pre-norm decoder block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
     p = {name: quant.cast(w, dtype) for name, w in p.items()}  # a QLoRA base's projections stay quantised
 
-    def proj(spec: str, inp: jax.Array, name: str, index: int) -> jax.Array:
-        out = quant.einsum(spec, inp, p[name], dtype)
+    def proj(inp: jax.Array, name: str, index: int, n_in: int = 1) -> jax.Array:
+        out = quant.project(inp, p[name], n_in, dtype)
         if adapters is None or name not in adapters:
             return out
         ab = adapters[name]
@@ -189,9 +190,9 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array
                            lora_scale)
 
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = proj("bte,ehd->bthd", h, "wq", 0)
-    k = proj("bte,ehd->bthd", h, "wk", 1)
-    v = proj("bte,ehd->bthd", h, "wv", 2)
+    q = proj(h, "wq", 0)
+    k = proj(h, "wk", 1)
+    v = proj(h, "wv", 2)
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
@@ -202,12 +203,12 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], kv: tuple[jax.Array, jax.Array
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, q_offset, 0, 0))
         kv = (k, v)
     out = attn.attention(q, k, v, mask, impl, causal=kv is None)
-    out = proj("bthd,hde->bte", out, "wo", 3)
+    out = proj(out, "wo", 3, n_in=2)
     if cfg.o_bias:
         out = out + p["bo"]
     x = constrain(x + out, ("batch", "length", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate = constrain(proj("bte,em->btm", h, "w_gate", 4), ("batch", "length", "act_mlp"))
-    up = proj("bte,em->btm", h, "w_up", 5)
-    x = x + proj("btm,me->bte", jax.nn.silu(gate) * up, "w_down", 6)
+    gate = constrain(proj(h, "w_gate", 4), ("batch", "length", "act_mlp"))
+    up = proj(h, "w_up", 5)
+    x = x + proj(jax.nn.silu(gate) * up, "w_down", 6)
     return constrain(x, ("batch", "length", "act_embed")), kv

@@ -13,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxalign.models.dots import flat_dot
+
 
 def logit_stats(logits: jax.Array, targets: jax.Array, squares: bool = False) -> dict[str, jax.Array]:
     """Per target: log softmax(logits)[target] ("logp"), logsumexp ("lse"), argmax == target ("correct"), and with
@@ -71,7 +73,7 @@ def _unchunk(x: jax.Array, length: int) -> jax.Array:
 
 
 def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum("bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
+    return flat_dot(h, w, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -103,8 +105,9 @@ def _fused_backward(chunk_size, squares, residuals, cotangents):
         # d/dlogits of gl * (logit_t - lse) + gz * lse = (gz - gl) * softmax + gl * onehot(t)
         g = jnp.exp(logits - lse_c[..., None]) * (gz - gl)[..., None]
         g = g + jnp.where(jnp.arange(logits.shape[-1]) == t[..., None], gl[..., None], 0.0)
-        dh = jnp.einsum("bcv,ev->bce", g.astype(w.dtype), w, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum("bce,bcv->ev", h, g.astype(h.dtype), preferred_element_type=jnp.float32)
+        dh = flat_dot(g.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
+        dw = dw + flat_dot(h.reshape(-1, h.shape[-1]).T, g.astype(h.dtype).reshape(-1, g.shape[-1]),
+                           preferred_element_type=jnp.float32)
         return dw, dh.astype(hidden.dtype)
 
     xs = tuple(_chunks(x, chunk_size) for x in (hidden, targets, lse, g_logp, g_lse))

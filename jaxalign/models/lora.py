@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxalign.config.schema import LORA_TARGETS
 from jaxalign.errors import JaxalignError
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.dots import flat_dot
 from jaxalign.models.params import BY_NAME, Param
 from jaxalign.runtime.sharding import named_sharding
 
@@ -132,7 +133,7 @@ class LoraInputs(NamedTuple):
 
 def delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """scale * x A B for one layer: x [..., in...] contracts its last a.ndim - 1 axes with A [in..., r]."""
-    return jnp.tensordot(jnp.tensordot(x, a, axes=a.ndim - 1), b, axes=1) * scale
+    return flat_dot(flat_dot(x, a, a.ndim - 1), b) * scale
 
 
 def dropped(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

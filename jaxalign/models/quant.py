@@ -25,6 +25,7 @@ import qwix
 
 from jaxalign.errors import JaxalignError
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.dots import flat_dot
 from jaxalign.models.params import BY_NAME, Param, _merge
 from jaxalign.runtime.sharding import named_sharding
 
@@ -79,16 +80,17 @@ class Quantized:
 
 
 def cast(w, dtype):
-    """A dense weight cast to the compute dtype; a quantised one is left for `einsum` to dequantise."""
+    """A dense weight cast to the compute dtype; a quantised one is left for `project` to dequantise."""
     return w if isinstance(w, Quantized) else w.astype(dtype)
 
 
-def einsum(spec: str, x: jax.Array, w, dtype) -> jax.Array:
-    """x times a dense or quantised weight. A quantised one is dequantised under jax.checkpoint, so the
-    backward pass dequantises it again instead of the layer scan saving every layer's dense weight."""
+def project(x: jax.Array, w, n_in: int, dtype) -> jax.Array:
+    """x [..., in...] times a dense or quantised weight [in..., out...] (`n_in` axes contracted). A quantised
+    one is dequantised under jax.checkpoint, so the backward pass dequantises it again instead of the layer
+    scan saving every layer's dense weight."""
     if not isinstance(w, Quantized):
-        return jnp.einsum(spec, x, w)
-    return jax.checkpoint(lambda x, w: jnp.einsum(spec, x, w.dense(dtype)))(x, w)
+        return flat_dot(x, w, n_in)
+    return jax.checkpoint(lambda x, w: flat_dot(x, w.dense(dtype), n_in))(x, w)
 
 
 def _view(p: Param, cfg: ModelConfig) -> tuple[int, int]:
