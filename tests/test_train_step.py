@@ -140,3 +140,33 @@ def test_weight_decay_mask_skips_norms_and_biases():
     assert mask["embed"] and mask["layers"]["wq"] and mask["lm_head"]
     assert not mask["final_norm"] and not mask["layers"]["attn_norm"] and not mask["layers"]["bq"]
     assert decay_mask(nnx.to_pure_dict(state), True)["final_norm"]
+
+
+@pytest.mark.parametrize("objective,paired", [(SFT, False), (DPO, True)], ids=["sft", "dpo"])
+def test_compiled_step_transposes_no_activation_gradient(objective, paired):
+    """Every projection and the LM head is one 2-d dot (models/dots.py), so XLA's CPU program holds no
+    [features, tokens] array: the transposed copy of an activation (or its gradient) that a weight-gradient dot
+    over two contracted axes (batch, length) was given, a strided write as large as the activation itself."""
+    import re
+
+    batch = synthetic_batch(8, 20, paired=paired)
+    tokens = batch["tokens"].size
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    with use_mesh(mesh):
+        graphdef, params = nnx.split(init_model(CFG, mesh, seed=0))
+        params = nnx.to_pure_dict(params)
+        optimizer, schedule = build_optimizer(default_config().optimizer, total_steps=10)
+        state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                           opt_state=jax.jit(optimizer.init)(params))
+        ref = params if objective.stage == "dpo" else None
+        step = jit_train_step(make_train_step(graphdef, objective, optimizer, schedule, 1),
+                              jax.tree.map(lambda x: x.sharding, state),
+                              batch_shardings({k: v.shape for k, v in batch.items()}, mesh),
+                              None if ref is None else jax.tree.map(lambda x: x.sharding, ref))
+        text = step.lower(state, batch, ref).compile().as_text()
+    c = CFG
+    features = {c.hidden_size, c.intermediate_size, c.vocab_size, c.num_attention_heads * c.head_dim,
+                c.num_key_value_heads * c.head_dim}
+    transposed = [m.group(0) for m in re.finditer(r"%\S+ = f32\[(\d+),(\d+)\]", text)
+                  if int(m.group(1)) in features and int(m.group(2)) == tokens]
+    assert not transposed, transposed[:5]
