@@ -24,7 +24,8 @@ class Shape:
     seq: int
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: str = "none"
+    remat: str = "minimal"  # the config default
+    torch_checkpointing: bool = False  # PyTorch's only policy: recompute every layer (gradient_checkpointing)
     tied: bool = False
     rope_theta: float = 10000.0
 
@@ -48,7 +49,7 @@ SHAPES = {
     # Llama 3.2 1B (16 layers, GQA 32/8 heads, 128k vocab, tied head): bf16 compute, fp32 master weights.
     "llama-3.2-1b": Shape("llama-3.2-1b", layers=16, hidden=2048, mlp=8192, heads=32, kv_heads=8, vocab=128256,
                           batch=8, seq=2048, dtype="bfloat16", param_dtype="float32", remat="minimal", tied=True,
-                          rope_theta=500000.0),
+                          rope_theta=500000.0, torch_checkpointing=True),
 }
 
 

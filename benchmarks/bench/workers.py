@@ -152,7 +152,7 @@ def worker_torch_step(spec: dict) -> dict:
     config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"},
                                       attn_implementation=spec.get("attn_implementation", "sdpa"))
     model = transformers.LlamaForCausalLM(config).to(device)
-    if s.remat != "none":
+    if s.torch_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
