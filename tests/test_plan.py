@@ -22,10 +22,11 @@ FACTOR = 1.5
 
 
 @pytest.mark.parametrize("sets", [
-    [],                                                                     # SFT, remat none
+    [],                                                                     # SFT, remat minimal (the default)
+    ["model.remat=none"],                                                   # SFT, remat none
     ["model.remat=full", "train.micro_batch_size=8"],                       # SFT, remat full, accumulation
     ["stage=dpo", "dpo.reference=model", "train.batch_size=8", "model.remat=dots"],  # DPO, live reference
-], ids=["sft-none", "sft-full-micro", "dpo-reference-dots"])
+], ids=["sft-minimal", "sft-none", "sft-full-micro", "dpo-reference-dots"])
 def test_estimate_is_within_a_factor_of_the_compiled_memory(sets):
     cfg = load_config(None, BASE + sets)
     p = plan(cfg, accelerator="cpu", suggest=False)

@@ -10,6 +10,8 @@ from jax.sharding import PartitionSpec as P
 from jaxalign.errors import JaxalignError
 from jaxalign.models import ModelConfig, abstract_model, init_model
 from jaxalign.runtime.sharding import (
+    RULES,
+    is_split,
     logical_to_spec,
     make_mesh,
     merged_rules,
@@ -112,3 +114,24 @@ def test_state_shardings_cover_every_param():
     leaves = jax.tree.leaves(shardings)
     assert leaves and all(isinstance(s, jax.sharding.NamedSharding) for s in leaves)
     assert jnp.dtype(jax.tree.leaves(state)[0].dtype) == jnp.float32
+
+
+@pytest.mark.parametrize("split", [None, "length", "head_dim"])
+def test_flat_dot_equals_the_einsum_whatever_the_rules_split(split):
+    """models/dots.flat_dot merges [batch, length] (and [heads, head_dim]) into one axis unless mesh.rules split
+    the minor one, where it keeps them apart (tensordot): values and gradients equal the einsum's either way."""
+    from jaxalign.models.dots import flat_dot
+
+    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    rules = dict(RULES, **({split: "tensor"} if split else {}))
+    x = jax.random.normal(jax.random.key(0), (4, 16, 2, 8))  # [batch, length, heads, head_dim]
+    w = jax.random.normal(jax.random.key(1), (2, 8, 6))  # [heads, head_dim, embed], as wo
+
+    def loss(fn, x, w):
+        return jnp.sum(jnp.sin(fn(x, w)))
+
+    with use_mesh(mesh, rules):
+        assert is_split(split) if split else not is_split("length")
+        got = jax.jit(jax.value_and_grad(lambda x, w: loss(lambda a, b: flat_dot(a, b, 2), x, w), (0, 1)))(x, w)
+    want = jax.value_and_grad(lambda x, w: loss(lambda a, b: jnp.einsum("bthd,hde->bte", a, b), x, w), (0, 1))(x, w)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)

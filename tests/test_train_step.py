@@ -142,11 +142,13 @@ def test_weight_decay_mask_skips_norms_and_biases():
     assert decay_mask(nnx.to_pure_dict(state), True)["final_norm"]
 
 
-@pytest.mark.parametrize("objective,paired", [(SFT, False), (DPO, True)], ids=["sft", "dpo"])
+@pytest.mark.parametrize("objective,paired", [(SFT, False), (Objective("sft", chunk_size=8), False), (DPO, True)],
+                         ids=["sft", "sft-fused-head", "dpo"])
 def test_compiled_step_transposes_no_activation_gradient(objective, paired):
-    """Every projection and the LM head is one 2-d dot (models/dots.py), so XLA's CPU program holds no
-    [features, tokens] array: the transposed copy of an activation (or its gradient) that a weight-gradient dot
-    over two contracted axes (batch, length) was given, a strided write as large as the activation itself."""
+    """Every projection and the LM head (whole or fused) is one 2-d dot (models/dots.py), so XLA's CPU program
+    (fp32, the default remat) holds no [features, tokens] array: the transposed copy of an activation (or its
+    gradient) that a weight-gradient dot over two contracted axes (batch, length) was given, a strided write
+    as large as the activation itself."""
     import re
 
     batch = synthetic_batch(8, 20, paired=paired)

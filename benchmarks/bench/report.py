@@ -18,7 +18,8 @@ def markdown(r: dict) -> str:
              f"{la1[0]:.2f}/{la1[1]:.2f}/{la1[2]:.2f}." + (f" XLA_FLAGS=`{m['xla_flags']}`." if m["xla_flags"] else ""),
              f"Shape: {s['layers']} layers, hidden {s['hidden']}, MLP {s['mlp']}, {s['heads']}/{s['kv_heads']} heads, "
              f"vocab {s['vocab']}, batch {s['batch']} × {s['seq']}, {s['dtype']} (params {s['param_dtype']}), "
-             f"remat {s['remat']}, logits_chunk_size {r['chunk_size']}; N (matmul params) = "
+             f"remat {s['remat']} (PyTorch: gradient checkpointing "
+             f"{'on' if s.get('torch_checkpointing') else 'off'}), logits_chunk_size {r['chunk_size']}; N (matmul params) = "
              f"{r['matmul_params'] / 1e6:.1f}M.",
              (f"jaxalign imported from `{r['jaxalign_src']}` (--jaxalign-src)." if r.get("jaxalign_src") else ""),
              f"Peak for MFU: {fmt(r.get('peak_flops', None) and r['peak_flops'] / 1e9, '.1f')} GFLOP/s "

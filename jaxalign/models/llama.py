@@ -59,7 +59,7 @@ class Decoder(nnx.Module):
     """tokens [batch, length] -> logits [batch, length, vocab] (fp32)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: str = "float32", param_dtype: str = "float32",
-                 remat: str = "none", attention: str = "auto", scan_layers: bool = True, attention_block: int = 512,
+                 remat: str = "minimal", attention: str = "auto", scan_layers: bool = True, attention_block: int = 512,
                  rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = DTYPES[dtype]

@@ -170,6 +170,12 @@ def use_mesh(mesh: Mesh | AbstractMesh, rules: Mapping[str, Any] | None = None) 
         _active_rules.reset(token)
 
 
+def is_split(name: str) -> bool:
+    """Whether the current mesh and rules split the logical axis `name` (of any size) over more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1 and logical_axis_size(name, None, mesh, _active_rules.get()) > 1
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names under the current mesh; a no-op without one."""
     mesh = jax.sharding.get_abstract_mesh()
