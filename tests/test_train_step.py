@@ -29,22 +29,28 @@ def synthetic_batch(rows, length, seed=0, paired=False):
             "segment_ids": segment_ids, "positions": np.broadcast_to(np.arange(length), (rows, length)).astype(np.int32)}
 
 
-def run_steps(mesh_sizes, objective, batches, accum=1, devices=None, optimizer_name="adamw"):
+def build_step(mesh, objective, batch, accum=1, optimizer_name="adamw"):
+    """(state, reference params or None, jitted step) as the loop builds them; call under `use_mesh(mesh)`."""
     opt_cfg = default_config().optimizer
     opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.name = 1e-2, 0.1, optimizer_name
+    model = init_model(CFG, mesh, seed=0)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    optimizer, schedule = build_optimizer(opt_cfg, total_steps=10)
+    state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                       opt_state=jax.jit(optimizer.init)(params))
+    ref = jax.tree.map(jax.numpy.copy, params) if objective.stage == "dpo" else None
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = jit_train_step(make_train_step(graphdef, objective, optimizer, schedule, accum), shardings,
+                          batch_shardings({k: v.shape for k, v in batch.items()}, mesh),
+                          None if ref is None else jax.tree.map(lambda x: x.sharding, ref))
+    return state, ref, step
+
+
+def run_steps(mesh_sizes, objective, batches, accum=1, devices=None, optimizer_name="adamw"):
     mesh = make_mesh(mesh_sizes, devices)
     with use_mesh(mesh):
-        model = init_model(CFG, mesh, seed=0)
-        graphdef, params = nnx.split(model)
-        params = nnx.to_pure_dict(params)
-        optimizer, schedule = build_optimizer(opt_cfg, total_steps=10)
-        state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                           opt_state=jax.jit(optimizer.init)(params))
-        ref = jax.tree.map(jax.numpy.copy, params) if objective.stage == "dpo" else None
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        step = jit_train_step(make_train_step(graphdef, objective, optimizer, schedule, accum), shardings,
-                              batch_shardings({k: v.shape for k, v in batches[0].items()}, mesh),
-                              None if ref is None else jax.tree.map(lambda x: x.sharding, ref))
+        state, ref, step = build_step(mesh, objective, batches[0], accum, optimizer_name)
         losses, metrics = [], []
         for b in batches:
             state, m = step(state, b, ref)
@@ -155,16 +161,7 @@ def test_compiled_step_transposes_no_activation_gradient(objective, paired):
     tokens = batch["tokens"].size
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     with use_mesh(mesh):
-        graphdef, params = nnx.split(init_model(CFG, mesh, seed=0))
-        params = nnx.to_pure_dict(params)
-        optimizer, schedule = build_optimizer(default_config().optimizer, total_steps=10)
-        state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                           opt_state=jax.jit(optimizer.init)(params))
-        ref = params if objective.stage == "dpo" else None
-        step = jit_train_step(make_train_step(graphdef, objective, optimizer, schedule, 1),
-                              jax.tree.map(lambda x: x.sharding, state),
-                              batch_shardings({k: v.shape for k, v in batch.items()}, mesh),
-                              None if ref is None else jax.tree.map(lambda x: x.sharding, ref))
+        state, ref, step = build_step(mesh, objective, batch)
         text = step.lower(state, batch, ref).compile().as_text()
     c = CFG
     features = {c.hidden_size, c.intermediate_size, c.vocab_size, c.num_attention_heads * c.head_dim,
